@@ -1,0 +1,1 @@
+"""residual_core: the library."""
