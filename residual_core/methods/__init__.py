@@ -1,0 +1,14 @@
+"""Anomaly-detection methods on residual features."""
+
+from residual_core.methods.base import AnomalyMethod, CategoryTrainData, MethodError, ScoreOutput
+from residual_core.methods.registry import available_methods, create_method, register_method
+
+__all__ = [
+    "AnomalyMethod",
+    "CategoryTrainData",
+    "MethodError",
+    "ScoreOutput",
+    "available_methods",
+    "create_method",
+    "register_method",
+]

@@ -1,0 +1,44 @@
+"""Method registry: a name in a config turns into a method instance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from residual_core.methods.base import AnomalyMethod, MethodError
+
+_BUILDERS: dict[str, Callable[..., AnomalyMethod]] = {}
+
+
+def register_method(name: str):
+    """Decorator: register a builder `f(backbone, **config) -> AnomalyMethod` under `name`."""
+
+    def wrap(builder):
+        _BUILDERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def _load_builtin_methods() -> None:
+    # importing the modules runs their @register_method decorators
+    import importlib
+
+    for module in ("baseline", "res2clip", "resadpp"):
+        try:
+            importlib.import_module(f"residual_core.methods.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"residual_core.methods.{module}":
+                raise
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_BUILDERS)
+
+
+def create_method(name: str, backbone, **config) -> AnomalyMethod:
+    """Build the method `name` on `backbone` with keyword hyper-parameters."""
+    _load_builtin_methods()
+    if name not in _BUILDERS:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[name](backbone, **config)
