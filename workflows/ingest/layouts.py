@@ -1,0 +1,228 @@
+"""Source layouts -> items (image path, labels, matching mask path) plus layout-level problems.
+
+Layouts only walk the tree and pair images with masks; reading and validating happens in
+``workflows.ingest.run``. Every regular file inside an image folder becomes an item, so a stray
+non-image file is quarantined (by path and reason) instead of silently skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from workflows.datasets.schema import SchemaError, check_partition_value
+from workflows.ingest.quarantine import Problem
+from workflows.ingest.source import SourceEscapeError, SourceTree
+
+LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "folder")
+ESCAPES = "symlink escapes the source tree"
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    category: str
+    split: str
+    label: int | None
+    defect_type: str | None
+    image: str             # relative path of the image
+    mask: str | None       # relative path of its mask, when one was found
+
+
+@dataclass
+class LayoutScan:
+    items: list[SourceItem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+
+
+def _mask_key(name: str) -> str:
+    stem = posixpath.splitext(name)[0]
+    return stem[: -len("_mask")] if stem.endswith("_mask") else stem
+
+
+class _MaskIndex:
+    """Masks of one folder by image stem (``<stem>_mask.png`` or ``<stem>.<ext>``); tracks unused ones."""
+
+    def __init__(self, tree: SourceTree, rel_dir: str, scan: LayoutScan, category: str) -> None:
+        self.by_key: dict[str, str] = {}
+        self.used: set[str] = set()
+        for entry in tree.list_dir(rel_dir):
+            if entry.escapes:
+                scan.problems.append(Problem("mask", entry.rel, ESCAPES, category))
+            elif not entry.is_dir:
+                self.by_key[_mask_key(entry.name)] = entry.rel
+
+    def take(self, image_name: str) -> str | None:
+        key = posixpath.splitext(image_name)[0]
+        if key in self.used:  # each mask pairs with one image (the first folder scanned wins)
+            return None
+        found = self.by_key.get(key)
+        if found:
+            self.used.add(key)
+        return found
+
+    def report_unused(self, scan: LayoutScan, category: str) -> None:
+        for key, rel in sorted(self.by_key.items()):
+            if key not in self.used:
+                scan.problems.append(Problem("mask", rel, "mask without a matching image", category))
+
+
+def _valid_category(name: str, rel: str, scan: LayoutScan) -> bool:
+    try:
+        check_partition_value("category", name)
+        return True
+    except SchemaError as exc:
+        scan.problems.append(Problem("category", rel, f"invalid category name: {exc}", name))
+        return False
+
+
+def _add_images(tree: SourceTree, scan: LayoutScan, rel_dir: str, *, category: str, split: str,
+                label: int | None, defect_type: str | None, masks: _MaskIndex | None) -> None:
+    for entry in tree.list_dir(rel_dir):
+        if entry.escapes:
+            scan.problems.append(Problem("image", entry.rel, ESCAPES, category))
+        elif entry.is_dir:
+            scan.problems.append(Problem("file", entry.rel, "unexpected nested folder (ignored)", category))
+        else:
+            mask = masks.take(entry.name) if masks is not None else None
+            scan.items.append(SourceItem(category, split, label, defect_type, entry.rel, mask))
+
+
+def _categories(tree: SourceTree, scan: LayoutScan, skip: set[str] = frozenset()) -> list[str]:
+    names = []
+    for entry in tree.list_dir(""):
+        if entry.escapes:
+            scan.problems.append(Problem("category", entry.rel, ESCAPES, entry.name))
+        elif entry.is_dir and entry.name not in skip and _valid_category(entry.name, entry.rel, scan):
+            names.append(entry.name)
+    return names
+
+
+def _finish_category(scan: LayoutScan, category: str, count_before: int, rel: str) -> None:
+    scan.categories.append(category)
+    if len(scan.items) == count_before and not any(
+        p.category == category and p.kind == "image" for p in scan.problems
+    ):
+        scan.problems.append(Problem("category", rel, "empty category (no images found)", category))
+
+
+def _scan_defect_tree(tree: SourceTree, *, normal_names: tuple[str, ...]) -> LayoutScan:
+    """MVTec AD / MPDD / BTAD: ``<cat>/train/<normal>``, ``<cat>/test/<defect>``,
+    ``<cat>/ground_truth/<defect>/<stem>[_mask].<ext>``."""
+    scan = LayoutScan()
+    for category in _categories(tree, scan):
+        before = len(scan.items)
+        for split in ("train", "test"):
+            for defect in tree.list_dir(f"{category}/{split}"):
+                if defect.escapes:
+                    scan.problems.append(Problem("file", defect.rel, ESCAPES, category))
+                    continue
+                if not defect.is_dir:
+                    problem = Problem("image", defect.rel, "image outside a defect folder", category)
+                    scan.problems.append(problem)
+                    continue
+                normal = split == "train" or defect.name in normal_names
+                masks = _MaskIndex(tree, f"{category}/ground_truth/{defect.name}", scan, category)
+                _add_images(tree, scan, defect.rel, category=category, split=split, label=0 if normal else 1,
+                            defect_type="good" if normal else defect.name, masks=masks)
+                masks.report_unused(scan, category)
+        _finish_category(scan, category, before, category)
+    return scan
+
+
+def scan_mvtec(tree: SourceTree) -> LayoutScan:
+    return _scan_defect_tree(tree, normal_names=("good",))
+
+
+def scan_mpdd(tree: SourceTree) -> LayoutScan:
+    return _scan_defect_tree(tree, normal_names=("good",))
+
+
+def scan_btad(tree: SourceTree) -> LayoutScan:
+    return _scan_defect_tree(tree, normal_names=("ok", "good"))
+
+
+FOLDER_SPLITS = {"train": ("train", 0), "normal": ("test", 0), "anomalous": ("test", 1),
+                 "unlabeled": ("unlabeled", None)}
+
+
+def scan_folder(tree: SourceTree) -> LayoutScan:
+    """Generic ``<cat>/{normal,anomalous,masks,unlabeled}`` (+ optional ``train`` of normal references).
+    ``normal``/``anomalous`` become the labelled test split; masks pair with any image by stem."""
+    scan = LayoutScan()
+    for category in _categories(tree, scan):
+        before = len(scan.items)
+        masks = _MaskIndex(tree, f"{category}/masks", scan, category)
+        order = {"anomalous": 0, "normal": 1, "train": 2, "unlabeled": 3}  # masks belong to anomalous first
+        for entry in sorted(tree.list_dir(category), key=lambda e: (order.get(e.name, 9), e.name)):
+            if entry.name == "masks":
+                continue
+            if entry.name not in FOLDER_SPLITS or not entry.is_dir:
+                scan.problems.append(Problem("file", entry.rel, "unexpected entry (expected train, normal, "
+                                             "anomalous, masks, unlabeled)", category))
+                continue
+            split, label = FOLDER_SPLITS[entry.name]
+            defect = {0: "good", 1: "anomalous", None: None}[label]
+            _add_images(tree, scan, entry.rel, category=category, split=split, label=label,
+                        defect_type=defect, masks=masks)
+        masks.report_unused(scan, category)
+        _finish_category(scan, category, before, category)
+    return scan
+
+
+VISA_CSV = "split_csv/1cls.csv"
+_VISA_LABELS = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "anomalous": 1, "1": 1}
+
+
+def scan_visa(tree: SourceTree) -> LayoutScan:
+    """VisA: ``split_csv/1cls.csv`` with columns object, split, label, image, mask (paths from the root)."""
+    scan = LayoutScan()
+    if not tree.exists(VISA_CSV):
+        raise FileNotFoundError(f"VisA layout needs {VISA_CSV} under the source root")
+    reader = csv.DictReader(io.StringIO(tree.read(VISA_CSV).decode("utf-8-sig")))
+    missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or [])
+    if missing:
+        raise ValueError(f"{VISA_CSV}: missing columns {sorted(missing)}")
+    counts: dict[str, int] = {}
+    for line, row in enumerate(reader, start=2):
+        category, image = (row["object"] or "").strip(), (row["image"] or "").strip()
+        where = f"{VISA_CSV}:{line}"
+        if category not in counts:
+            if not _valid_category(category, where, scan):
+                continue
+            counts[category] = 0
+        split = (row["split"] or "").strip().lower()
+        label = _VISA_LABELS.get((row["label"] or "").strip().lower())
+        if split not in ("train", "test") or label is None or not image:
+            reason = f"bad CSV row {where}: split={row['split']!r} label={row['label']!r}"
+            scan.problems.append(Problem("image", image or where, reason, category))
+            continue
+        try:
+            image = tree.check_inside(image)
+            mask = (row["mask"] or "").strip() or None
+            mask = tree.check_inside(mask) if mask else None
+        except SourceEscapeError as exc:
+            scan.problems.append(Problem("image", image, f"symlink or path escapes the source tree: {exc}",
+                                         category))
+            continue
+        counts[category] += 1
+        scan.items.append(SourceItem(category, split, label, "good" if label == 0 else None, image, mask))
+    for category, count in counts.items():
+        scan.categories.append(category)
+        if count == 0 and not any(p.category == category and p.kind == "image" for p in scan.problems):
+            scan.problems.append(Problem("category", category, "empty category (no images found)", category))
+    return scan
+
+
+SCANNERS: dict[str, Callable[[SourceTree], LayoutScan]] = {
+    "mvtec": scan_mvtec, "mpdd": scan_mpdd, "btad": scan_btad, "visa": scan_visa, "folder": scan_folder,
+}
+
+
+def scan_source(tree: SourceTree, layout: str) -> LayoutScan:
+    if layout not in SCANNERS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return SCANNERS[layout](tree)

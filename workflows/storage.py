@@ -1,0 +1,346 @@
+"""One way to turn user URLs into filesystems, with atomic writes, retries and credential redaction.
+
+Every path a user gives is a URL: a local path, ``file://...`` or ``s3://bucket/prefix``. S3 goes
+through s3fs (general I/O) or pyarrow's native ``S3FileSystem`` (Parquet scans); both honour the
+standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_DEFAULT_REGION``/``AWS_REGION``, ``AWS_PROFILE`` and a custom ``AWS_ENDPOINT_URL[_S3]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+SUCCESS_MARKER = "_SUCCESS"
+_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+_TRANSIENT_MARKERS = (
+    "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError",
+    "503", "500 Internal", "Connection reset", "Connection aborted", "timed out",
+)
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message is already redacted."""
+
+
+# ----------------------------------------------------------------------------- redaction
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]*@"), r"\1***@"),  # scheme://user:pass@
+    (re.compile(r"(?i)(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"(?i)((?:aws_)?(?:secret_access_key|secret_key|session_token|access_key_id|access_key"
+                r"|password|secret|token)['\"]?\s*[:=]\s*['\"]?)[^'\"\s,&}]+"), r"\1***"),
+    (re.compile(r"(?i)(Signature=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"(?i)(Credential=)[^,&\s'\"]+"), r"\1***"),
+)
+
+
+def redact(text: Any) -> str:
+    """Return ``str(text)`` with credentials removed: URL userinfo, signed-URL parameters,
+    ``key=value`` secrets, and the literal values of AWS secret environment variables."""
+    out = str(text)
+    for name in _SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            out = out.replace(value, "***")
+    for pattern, replacement in _REDACTIONS:
+        out = pattern.sub(replacement, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- retries
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error is worth retrying (throttling, 5xx, dropped connections, timeouts)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    name = type(exc).__name__
+    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                "ConnectionClosedError", "ServerDisconnectedError", "ClientOSError"}:
+        return True
+    message = str(exc)
+    return any(marker in message for marker in _TRANSIENT_MARKERS)
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_delay_s: float = 0.25) -> T:
+    """Call ``fn`` and retry transient errors with exponential backoff; bounded by ``attempts``.
+
+    Non-transient errors and the last transient one are raised as ``StorageError`` with a redacted
+    message naming ``what`` (``FileNotFoundError`` passes through unchanged but redacted)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(redact(f"{what}: not found ({exc})")) from None
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if attempt < attempts and is_transient(exc):
+                time.sleep(base_delay_s * 2 ** (attempt - 1))
+                continue
+            raise StorageError(redact(f"{what}: {type(exc).__name__}: {exc}")) from None
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- URL resolution
+@dataclass(frozen=True)
+class S3Settings:
+    """S3 connection settings read from the standard AWS environment (never logged)."""
+
+    endpoint_url: str | None
+    region: str | None
+    key: str | None
+    secret: str | None
+    token: str | None
+    profile: str | None
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        env = os.environ
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            token=env.get("AWS_SESSION_TOKEN") or None,
+            profile=env.get("AWS_PROFILE") or None,
+        )
+
+    def __repr__(self) -> str:  # keep secrets out of reprs, logs and tracebacks
+        return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, key=***)"
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith(("s3://", "s3a://"))
+
+
+_S3FS_CACHE: dict[tuple[int, S3Settings], fsspec.AbstractFileSystem] = {}
+
+
+def clear_cache() -> None:
+    """Forget cached S3 filesystem clients (tests call this when the AWS environment changes)."""
+    _S3FS_CACHE.clear()
+
+
+def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
+    """One s3fs client per process and settings (client creation is slow); keyed by the full settings
+    so a changed environment gets a new client, and by pid so a forked child never reuses its parent's
+    event loop. Listings are never cached."""
+    key = (os.getpid(), settings)
+    if key not in _S3FS_CACHE:
+        _S3FS_CACHE[key] = _new_s3fs(settings)
+    return _S3FS_CACHE[key]
+
+
+def _new_s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if settings.region:
+        client_kwargs["region_name"] = settings.region
+    kwargs: dict[str, Any] = {
+        "endpoint_url": settings.endpoint_url,
+        "client_kwargs": client_kwargs,
+        # listings are not cached: pyarrow and other processes write the same prefixes
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+        "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}},
+    }
+    if settings.key and settings.secret:
+        kwargs.update(key=settings.key, secret=settings.secret, token=settings.token)
+    elif settings.profile:
+        kwargs["profile"] = settings.profile
+    return s3fs.S3FileSystem(**kwargs)
+
+
+def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """URL -> (fsspec filesystem, path inside it). Local paths become absolute."""
+    url = str(url)
+    if not url:
+        raise ValueError("empty storage URL")
+    if is_s3(url):
+        path = url.split("://", 1)[1].rstrip("/")
+        if not path or path.startswith("/"):
+            raise ValueError(f"bad S3 URL {redact(url)!r}: expected s3://bucket/prefix")
+        return _s3fs(S3Settings.from_env()), path
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url:
+        raise ValueError(f"unsupported URL scheme in {redact(url)!r}: use a local path, file:// or s3://")
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(url))
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path segments with '/' (works for local paths and s3://)."""
+    out = str(url).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def arrow_filesystem(url: str):
+    """URL -> (pyarrow.fs.FileSystem, path) for Parquet scans; native S3 with the same settings."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(url):
+        _, path = resolve(url)
+        return pafs.LocalFileSystem(), path
+    settings = S3Settings.from_env()
+    kwargs: dict[str, Any] = {}
+    if settings.endpoint_url:
+        kwargs["endpoint_override"] = settings.endpoint_url
+        if settings.endpoint_url.startswith("http://"):
+            kwargs["scheme"] = "http"
+    path = url.split("://", 1)[1].rstrip("/")
+    if settings.region:
+        kwargs["region"] = settings.region
+    elif not settings.endpoint_url:  # real AWS without a configured region: ask the bucket
+        try:
+            kwargs["region"] = pafs.resolve_s3_region(path.split("/", 1)[0])
+        except Exception:  # noqa: BLE001 - fall back to the SDK's default region
+            pass
+    if settings.key and settings.secret:
+        kwargs.update(access_key=settings.key, secret_key=settings.secret, session_token=settings.token)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=4)
+    return pafs.S3FileSystem(**kwargs), path
+
+
+# ----------------------------------------------------------------------------- basic operations
+def open_url(url: str, mode: str = "rb") -> IO[bytes]:
+    """Open a URL as a file object (the ``opener`` handed to residual_core)."""
+    fs, path = resolve(url)
+    return with_retries(lambda: fs.open(path, mode), what=f"open {url}")
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = resolve(url)
+    return with_retries(lambda: fs.cat_file(path), what=f"read {url}")
+
+
+def exists(url: str) -> bool:
+    fs, path = resolve(url)
+    return bool(with_retries(lambda: fs.exists(path), what=f"exists {url}"))
+
+
+def list_urls(url: str, *, recursive: bool = False) -> list[str]:
+    """URLs of the entries under ``url`` (files only when recursive). Missing -> empty list."""
+    fs, path = resolve(url)
+
+    def _list() -> list[str]:
+        if not fs.exists(path):
+            return []
+        return sorted(fs.find(path) if recursive else fs.ls(path, detail=False))
+
+    found = with_retries(_list, what=f"list {url}")
+    return [_to_url(url, path, p) for p in found]
+
+
+def _to_url(base_url: str, base_path: str, path: str) -> str:
+    rel = path[len(base_path):].lstrip("/") if path.startswith(base_path) else path
+    return join(base_url, rel) if rel else base_url
+
+
+def remove(url: str, *, recursive: bool = False, missing_ok: bool = True) -> None:
+    fs, path = resolve(url)
+
+    def _rm() -> None:
+        if missing_ok and not fs.exists(path):
+            return
+        fs.rm(path, recursive=recursive)
+
+    with_retries(_rm, what=f"remove {url}")
+
+
+def makedirs(url: str) -> None:
+    fs, path = resolve(url)
+    if not is_s3(url):
+        fs.makedirs(path, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def temp_sibling(url: str) -> str:
+    """A hidden temporary name beside ``url`` (same directory, so a rename stays on one volume)."""
+    head, _, name = str(url).rstrip("/").rpartition("/")
+    hidden = f".{name}.{uuid.uuid4().hex[:12]}.tmp"  # hidden and not matching *.parquet / *.json globs
+    return f"{head}/{hidden}" if head else hidden
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` so readers see either the old object or the whole new one.
+
+    Local: write a temporary sibling, fsync, ``os.replace``. S3: a single PUT, which S3 commits
+    atomically (a failed upload leaves nothing visible)."""
+    fs, path = resolve(url)
+    if is_s3(url):
+        with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(url: str, payload: Any) -> None:
+    atomic_write_bytes(url, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+@contextmanager
+def atomic_open(url: str) -> Iterator[IO[bytes]]:
+    """Context manager that writes a file under a temporary name and commits it on clean exit.
+
+    For S3 the multipart upload only becomes visible when the file is closed successfully; an
+    exception aborts it. Locally the temporary file is renamed into place, or removed on error."""
+    fs, path = resolve(url)
+    if is_s3(url):
+        handle = with_retries(lambda: fs.open(path, "wb"), what=f"open {url} for writing")
+        try:
+            yield handle
+        except BaseException:
+            discard = getattr(handle, "discard", None)
+            if discard is not None:
+                discard()  # aborts the multipart upload: nothing becomes visible
+            handle.closed = True  # keep fsspec's __del__ from trying to upload the remains
+            raise
+        with_retries(handle.close, what=f"commit {url}", attempts=1)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def mark_success(dir_url: str, payload: dict | None = None) -> None:
+    """Write the ``_SUCCESS`` commit marker of a directory (index, result, ...); write it last."""
+    atomic_write_json(join(dir_url, SUCCESS_MARKER), payload or {})
+
+
+def is_committed(dir_url: str) -> bool:
+    """Whether a directory output was completely written (its commit marker exists)."""
+    return exists(join(dir_url, SUCCESS_MARKER))
