@@ -1,0 +1,133 @@
+"""ResAD++ end to end on real backbones: fit, score, checkpoint round trip and compatibility errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from residual_core.backbones import create_backbone
+from residual_core.bank import build_bank
+from residual_core.methods import CategoryTrainData, MethodError, available_methods, create_method
+from residual_core.methods.resadpp import ResADpp
+
+IMAGE_SIZE = 64
+TINY = dict(num_embeddings=16, coupling_layers=1, pos_embed_dim=8, position_batch=100_000,
+            keep_partial_position_batch=True, smoothing_sigma=1.0)
+
+
+@pytest.fixture(scope="module")
+def cnn_backbone():
+    return create_backbone("effnet-lite0", image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def clip_backbone(tiny_openclip_checkpoint):
+    return create_backbone(tiny_openclip_checkpoint.spec)
+
+
+def images(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def bank_for(backbone, size: int):
+    return build_bank(backbone, images(2, size, 7), image_ids=["r0", "r1"], dataset="d", category="c", seed=0)
+
+
+def train_category(size: int) -> CategoryTrainData:
+    masks = torch.zeros(4, 1, size, size)
+    masks[2, :, size // 4: size // 2, size // 4: size // 2] = 1
+    return CategoryTrainData(
+        dataset="d", category="c", references=images(2, size, 1), images=images(4, size, 2),
+        labels=torch.tensor([0, 0, 1, 1]), masks=masks, has_mask=torch.tensor([False, False, True, False]),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(cnn_backbone, tmp_path_factory):
+    method = create_method("resadpp", cnn_backbone, epochs=2, first_stage_epochs=1, batch_size=4, lr=1e-3,
+                           **TINY)
+    logged = []
+    method.fit([train_category(IMAGE_SIZE)], lambda epoch, metrics: logged.append((epoch, metrics)))
+    directory = tmp_path_factory.mktemp("resadpp_ckpt")
+    method.save_checkpoint(directory)
+    return method, logged, directory
+
+
+def test_registered():
+    assert "resadpp" in available_methods()
+
+
+def test_fit_runs_both_stages(trained):
+    method, logged, _ = trained
+    assert [epoch for epoch, _ in logged] == [0, 1]
+    assert logged[0][1]["stage"] == 1.0 and logged[1][1]["stage"] == 2.0
+    assert "loss_focal" in logged[1][1] and "loss_focal" not in logged[0][1]
+    assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for _, m in logged)
+    assert method.boundaries.boundaries.abs().sum() > 0
+
+
+def test_score_on_cnn_backbone(trained, cnn_backbone):
+    method, _, _ = trained
+    out = method.score(images(3, IMAGE_SIZE, 5), bank_for(cnn_backbone, IMAGE_SIZE))
+    assert out.anomaly_map.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and out.image_score.shape == (3,)
+    assert set(out.branch_scores) == {"likelihood", "boundary"} and out.branches == ("likelihood", "boundary")
+    assert torch.isfinite(out.anomaly_map).all()
+    assert torch.allclose(out.image_score, out.anomaly_map.flatten(1).max(1).values)
+    # batch composition does not change a sample's scores
+    single = method.score(images(3, IMAGE_SIZE, 5)[:1], bank_for(cnn_backbone, IMAGE_SIZE))
+    assert torch.allclose(single.anomaly_map[0], out.anomaly_map[0], atol=1e-5)
+
+
+def test_score_on_openclip_backbone(clip_backbone):
+    method = create_method("resadpp", clip_backbone, **TINY)
+    size = clip_backbone.image_size
+    out = method.score(images(2, size, 3), bank_for(clip_backbone, size))
+    assert out.anomaly_map.shape == (2, size, size) and torch.isfinite(out.anomaly_map).all()
+    assert len(method.channels) == len(method.grids) >= 1
+
+
+def test_vit_preset_scores_on_openclip(clip_backbone):
+    method = create_method("resadpp", clip_backbone, preset="vit", **TINY)
+    assert method.config.constraintor == "mlp_se" and not method.config.conditional_flow
+    size = clip_backbone.image_size
+    assert method.score(images(1, size, 4), bank_for(clip_backbone, size)).image_score.shape == (1,)
+
+
+def test_checkpoint_round_trip(trained, cnn_backbone):
+    method, _, directory = trained
+    header = json.loads((directory / "resadpp.json").read_text())
+    assert header["backbone"]["name"] == "effnet-lite0" and header["config"]["epochs"] == 2
+    restored = ResADpp.from_checkpoint(directory, cnn_backbone)
+    bank = bank_for(cnn_backbone, IMAGE_SIZE)
+    query = images(2, IMAGE_SIZE, 9)
+    assert torch.allclose(restored.score(query, bank).anomaly_map, method.score(query, bank).anomaly_map)
+    assert torch.equal(restored.logp_offsets, method.logp_offsets)
+
+
+def test_checkpoint_mismatch_is_reported(trained, cnn_backbone, clip_backbone):
+    _, _, directory = trained
+    other = create_method("resadpp", cnn_backbone, **{**TINY, "coupling_layers": 2})
+    with pytest.raises(MethodError, match="coupling_layers"):
+        other.load_checkpoint(directory)
+    with pytest.raises(MethodError, match="backbone"):
+        create_method("resadpp", clip_backbone, **TINY).load_checkpoint(directory)
+    with pytest.raises(MethodError, match="missing"):
+        other.load_checkpoint(directory / "nowhere")
+
+
+def test_bad_inputs_raise_clear_errors(cnn_backbone, clip_backbone):
+    with pytest.raises(MethodError, match="unknown resadpp option"):
+        create_method("resadpp", cnn_backbone, epoch=3)
+    method = create_method("resadpp", cnn_backbone, **TINY)
+    with pytest.raises(MethodError, match="bank has 4 layers"):
+        method.score(images(1, IMAGE_SIZE, 0), bank_for(clip_backbone, clip_backbone.image_size))
+    wrong_dim = bank_for(cnn_backbone, IMAGE_SIZE)
+    wrong_dim.features[0] = torch.zeros(5, 7)
+    with pytest.raises(MethodError, match="bank layer 0"):
+        method.score(images(1, IMAGE_SIZE, 0), wrong_dim)
+    only_anomalies = train_category(IMAGE_SIZE)
+    only_anomalies.labels = torch.ones(4, dtype=torch.long)
+    with pytest.raises(MethodError, match="stage 1 needs normal"):
+        method.fit([only_anomalies])
