@@ -1,0 +1,160 @@
+"""Metrics engine vs exact sort-based references at 10^7 and 10^8 pixels.
+
+For each size it streams synthetic anomaly maps (256x256 images, half of them with rectangular
+anomalies, generated chunk by chunk from a seed) through ``MetricAccumulator`` and times the whole
+engine (all image and pixel metrics, AUPRO included). It then rebuilds the same pixels in memory and
+times scikit-learn's ``roc_auc_score`` (pixel AUROC) and an exact sort-based AUPRO (one global sort,
+per-pixel weights 1/|region|, cumulative sums), and prints the largest absolute difference of the
+engine from each reference together with the engine's certified error bounds. Peak memory is the
+tracemalloc peak above what was allocated before the measured call (numpy reports its buffers to
+tracemalloc), so neither figure includes the input pixels (generated beforehand; the engine streams
+them in chunks of ``--chunk`` images).
+
+    .venv/bin/python benchmarks/metrics.py                       # the RESULTS.md run
+    .venv/bin/python benchmarks/metrics.py --pixels 1e6 --ap-f1  # quick run, AP/F1 references too
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from residual_core.metrics import MetricAccumulator
+from residual_core.metrics.regions import anomalous_pixel_regions
+
+
+def synthetic_chunks(pixels: int, size: int, chunk_images: int, seed: int) -> Iterator[tuple]:
+    """Yield (image scores, labels, maps float32 [B,S,S], masks bool [B,S,S]) chunks totalling ~pixels."""
+    rng = np.random.default_rng(seed)
+    images = max(2, round(pixels / (size * size)))
+    for start in range(0, images, chunk_images):
+        count = min(chunk_images, images - start)
+        masks = np.zeros((count, size, size), dtype=bool)
+        labels = (np.arange(start, start + count) % 2).astype(np.int64)
+        for i in np.flatnonzero(labels):
+            for _ in range(int(rng.integers(1, 4))):
+                h, w = rng.integers(2, size // 4, 2)
+                y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+                masks[i, y:y + h, x:x + w] = True
+        maps = rng.random((count, size, size), dtype=np.float32) * 0.7
+        maps += masks * rng.random((count, size, size), dtype=np.float32) * 0.5
+        scores = maps.reshape(count, -1).max(axis=1)
+        yield scores, labels, maps, masks
+
+
+def measured(fn: Callable[[], object]) -> tuple[object, float, int]:
+    """(result, seconds, peak bytes allocated above the start) of ``fn()``."""
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return result, seconds, peak
+
+
+def run_engine(chunks: list[tuple], device: str) -> dict:
+    acc = MetricAccumulator()
+    for scores, labels, maps, masks in chunks:
+        if device != "cpu":
+            maps = torch.from_numpy(maps).to(device)
+        acc.update(scores, labels, maps, masks)
+    return acc.compute()
+
+
+def exact_sorted_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """Exact AUPRO by one global sort: PRO(t) = sum over pixels >= t of 1/|region| / #regions."""
+    regions, sizes = anomalous_pixel_regions(masks)
+    weights = np.zeros(maps.size)
+    weights[masks.reshape(-1)] = 1.0 / sizes[regions]
+    del regions
+    scores = maps.reshape(-1)
+    order = np.argsort(scores)[::-1]
+    sorted_scores = scores[order]
+    last_of_tie = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    del sorted_scores
+    normal = ~masks.reshape(-1)[order]
+    fpr = np.cumsum(normal)[last_of_tie] / float(normal.sum())
+    del normal
+    pro = np.cumsum(weights[order])[last_of_tie] / (len(sizes) - 1)
+    fpr, pro = np.append(0.0, fpr), np.append(0.0, pro)
+    end = int(np.searchsorted(fpr, limit))  # first point at or beyond the limit
+    y_at = pro[end - 1] + (pro[end] - pro[end - 1]) * (limit - fpr[end - 1]) / (fpr[end] - fpr[end - 1])
+    x, y = np.append(fpr[:end], limit), np.append(pro[:end], y_at)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2 / limit)
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return float(np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-300)))
+
+
+def benchmark(args, pixels: int) -> list[tuple]:
+    chunks = list(synthetic_chunks(pixels, args.size, args.chunk, args.seed))
+    result, seconds, peak = measured(partial(run_engine, chunks, "cpu"))
+    bounds, resolution = result["resolution"]["error_bounds"], result["resolution"]
+    print(f"[{pixels:.0e}] engine cpu {seconds:.1f}s peak {peak / 2**20:.0f} MiB "
+          f"shift {resolution['pixel_shift']} bins {resolution['pixel_bins']}", flush=True)
+    engine_rows = [("engine (numpy, all 7 metrics)", seconds, peak)]
+    if args.device != "cpu" and torch.cuda.is_available():
+        on_device, device_seconds, device_peak = measured(partial(run_engine, chunks, args.device))
+        assert on_device["P-AUROC"] == result["P-AUROC"] and on_device["AUPRO@0.3"] == result["AUPRO@0.3"]
+        engine_rows.append((f"engine ({args.device} maps)", device_seconds, device_peak))
+    maps = np.concatenate([c[2] for c in chunks])
+    masks = np.concatenate([c[3] for c in chunks])
+    chunks.clear()
+    flat_labels, flat_maps = masks.reshape(-1), maps.reshape(-1)
+    auroc, auroc_s, auroc_peak = measured(lambda: roc_auc_score(flat_labels, flat_maps))
+    print(f"[{pixels:.0e}] sklearn roc_auc_score {auroc_s:.1f}s", flush=True)
+    aupro, aupro_s, aupro_peak = measured(lambda: exact_sorted_aupro(maps, masks))
+    print(f"[{pixels:.0e}] exact AUPRO {aupro_s:.1f}s", flush=True)
+    diffs = {"P-AUROC": abs(result["P-AUROC"] - auroc), "AUPRO@0.3": abs(result["AUPRO@0.3"] - aupro)}
+    if args.ap_f1:
+        diffs["P-AP"] = abs(result["P-AP"] - average_precision_score(flat_labels, flat_maps))
+        diffs["P-F1max"] = abs(result["P-F1max"] - f1_max(flat_labels, flat_maps))
+    size, engine_seconds = maps.size, engine_rows[0][1]
+    rows = [(size, name, secs, mem, "", "") for name, secs, mem in engine_rows]
+    for name, metric, secs, mem in (("sklearn roc_auc_score", "P-AUROC", auroc_s, auroc_peak),
+                                    ("exact sort-based AUPRO", "AUPRO@0.3", aupro_s, aupro_peak)):
+        rows.append((size, f"{name} ({metric})", secs, mem, f"{secs / engine_seconds:.1f}x",
+                     f"{diffs[metric]:.1e} (bound {bounds[metric]:.1e})"))
+    for name in ("P-AP", "P-F1max"):
+        if name in diffs:
+            rows.append((size, f"sklearn {name} reference", float("nan"), 0, "",
+                         f"{diffs[name]:.1e} (bound {bounds[name]:.1e})"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pixels", type=float, nargs="+", default=[1e7, 1e8])
+    parser.add_argument("--size", type=int, default=256, help="image side")
+    parser.add_argument("--chunk", type=int, default=32, help="images per engine update")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ap-f1", action="store_true", help="also check P-AP and P-F1max against sklearn")
+    args = parser.parse_args()
+    rows = []
+    for pixels in args.pixels:
+        rows.extend(benchmark(args, int(pixels)))
+        gc.collect()
+    print("\n| pixels | method | time (s) | peak memory (MiB) | reference / engine time | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for size, name, secs, mem, ratio, diff in rows:
+        time_text = "" if secs != secs else f"{secs:.1f}"
+        mem_text = f"{mem / 2**20:.0f}" if mem else ""
+        print(f"| {size:.2e} | {name} | {time_text} | {mem_text} | {ratio} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""ROC, precision-recall and PRO curves from binned counts, and the metrics defined on them.
+
+Thresholds are the occupied bins, highest first; a bin acts as one threshold, exactly as
+scikit-learn groups tied scores. With shift 0 every bin is one float32 value, so the results equal the
+sort-based computations up to float64 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from residual_core.metrics.histogram import OVERLAP_BITS, AlignedBins
+
+
+@dataclass(frozen=True)
+class CumulativeCounts:
+    """Counts at or above each threshold, thresholds from highest to lowest."""
+
+    true_positives: np.ndarray  # int64
+    false_positives: np.ndarray  # int64
+    overlap: np.ndarray  # int64, units of 2**-OVERLAP_BITS region
+    positives: int
+    negatives: int
+
+    @classmethod
+    def from_bins(cls, bins: AlignedBins) -> CumulativeCounts:
+        tps = np.cumsum(bins.positives[::-1])
+        fps = np.cumsum(bins.negatives[::-1])
+        overlap = np.cumsum(bins.overlap[::-1])
+        return cls(tps, fps, overlap, int(tps[-1]) if len(tps) else 0, int(fps[-1]) if len(fps) else 0)
+
+
+def _with_origin(values: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], values.astype(np.float64)])
+
+
+def auroc(c: CumulativeCounts) -> float:
+    """Area under the ROC curve (trapezoids; ties count one half)."""
+    fpr = _with_origin(c.false_positives) / c.negatives
+    tpr = _with_origin(c.true_positives) / c.positives
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+
+
+def average_precision(c: CumulativeCounts) -> float:
+    """scikit-learn's AP: sum over thresholds of (recall step) * precision, no interpolation."""
+    tps = c.true_positives.astype(np.float64)
+    precision = tps / (tps + c.false_positives)
+    recall_step = np.diff(_with_origin(c.true_positives)) / c.positives
+    return float(np.sum(recall_step * precision))
+
+
+def f1_max(c: CumulativeCounts) -> float:
+    """Best F1 over thresholds: 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P)."""
+    tps = c.true_positives.astype(np.float64)
+    return float(np.max(2.0 * tps / (tps + c.false_positives + c.positives)))
+
+
+def area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area under the polyline (x nondecreasing) on [x[0], limit], interpolating at ``limit``."""
+    x0, x1, y0, y1 = x[:-1], x[1:], y[:-1], y[1:]
+    inside = x0 < limit
+    x0, x1, y0, y1 = x0[inside], x1[inside], y0[inside], y1[inside]
+    x1_clipped = np.minimum(x1, limit)
+    width = x1 - x0
+    fraction = np.divide(x1_clipped - x0, width, out=np.ones_like(width), where=width > 0)
+    y1_clipped = y0 + fraction * (y1 - y0)
+    return float(np.sum((x1_clipped - x0) * (y0 + y1_clipped)) / 2.0)
+
+
+def aupro(c: CumulativeCounts, regions: int, limit: float = 0.3) -> float:
+    """Area under PRO vs FPR on [0, limit], divided by ``limit`` (1.0 is perfect)."""
+    fpr = _with_origin(c.false_positives) / c.negatives
+    pro = _with_origin(c.overlap) / (float(regions) * 2.0**OVERLAP_BITS)
+    return area_up_to(fpr, pro, limit) / limit
+
+
+def error_bounds(c: CumulativeCounts, regions: int | None, limit: float = 0.3) -> dict[str, float]:
+    """Worst-case error of each metric when bins merge distinct scores (certified, from the counts alone).
+
+    Inside bin b the unseen thresholds move TP from tp[b-1] to tp[b] and FP from fp[b-1] to fp[b]:
+    AUROC and AUPRO can change by at most half the bin's rectangle (the trapezoid is its midpoint; the
+    whole rectangle for the bin cut by the AUPRO limit),
+    F1 by at most max 2 tp[b] / (tp[b] + fp[b-1] + P) minus the best boundary F1, and AP by the spread
+    of precision inside each bin times the bin's recall step.
+    """
+    tp_hi = c.true_positives.astype(np.float64)
+    fp_hi = c.false_positives.astype(np.float64)
+    tp_lo, fp_lo = _with_origin(c.true_positives)[:-1], _with_origin(c.false_positives)[:-1]
+    positives, negatives = float(c.positives), float(c.negatives)
+    bounds = {"auroc": float(np.sum((fp_hi - fp_lo) * (tp_hi - tp_lo)) / (2 * positives * negatives))}
+    precision = tp_hi / (tp_hi + fp_hi)
+    has_positives = tp_hi > tp_lo
+    best_inside = np.where(has_positives, tp_hi / np.maximum(tp_hi + fp_lo, 1.0), 0.0)
+    worst_inside = np.where(has_positives, (tp_lo + 1) / (tp_lo + 1 + fp_hi), 0.0)
+    spread = np.maximum(best_inside - precision, precision - worst_inside)
+    bounds["ap"] = float(np.sum((tp_hi - tp_lo) / positives * np.where(has_positives, spread, 0.0)))
+    bounds["f1max"] = float(np.max(2 * tp_hi / (tp_hi + fp_lo + positives)) - f1_max(c))
+    if regions:
+        fpr_hi, fpr_lo = fp_hi / negatives, fp_lo / negatives
+        pro = _with_origin(c.overlap) / (float(regions) * 2.0**OVERLAP_BITS)
+        below = fpr_lo < limit
+        width = np.minimum(fpr_hi, limit) - fpr_lo
+        share = np.where(fpr_hi > limit, 1.0, 0.5)  # the bin cut by the limit: interpolation is no midpoint
+        bounds["aupro"] = float(np.sum((width * np.diff(pro) * share)[below]) / limit)
+    return bounds

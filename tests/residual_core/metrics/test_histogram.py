@@ -1,0 +1,91 @@
+"""CollapsingHistogram: exact below capacity, deterministic collapse, order-independent merges."""
+
+import numpy as np
+import pytest
+
+from residual_core.metrics.encoding import encode_numpy
+from residual_core.metrics.histogram import (
+    BinCounts,
+    CollapsingHistogram,
+    combine,
+    counts_of_keys,
+    segment_sums,
+)
+from residual_core.metrics.reduce import reduce_numpy
+
+
+def histogram_of(values: np.ndarray, positive: np.ndarray, capacity: int, chunk: int) -> CollapsingHistogram:
+    hist = CollapsingHistogram(capacity)
+    for start in range(0, len(values), chunk):
+        keys = encode_numpy(values[start:start + chunk]) >> np.uint32(hist.shift)
+        hist.add(*reduce_numpy(keys, positive[start:start + chunk], hist.shift))
+    return hist.consolidate()
+
+
+def test_exact_counts_below_capacity():
+    values = np.array([3.0, -1.0, 3.0, 0.5, -1.0, 3.0], dtype=np.float32)
+    positive = np.array([1, 0, 0, 1, 0, 1], dtype=bool)
+    aligned = histogram_of(values, positive, capacity=16, chunk=4).aligned()
+    assert aligned.shift == 0
+    np.testing.assert_array_equal(aligned.negatives, [2, 0, 1])  # keys ascend with value: -1, 0.5, 3
+    np.testing.assert_array_equal(aligned.positives, [0, 1, 2])
+
+
+def test_collapse_is_the_smallest_shift_that_fits_whatever_the_chunking():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=5000).astype(np.float32)
+    positive = rng.random(5000) < 0.3
+    states = [histogram_of(values, positive, 256, chunk).state_dict() for chunk in (7, 100, 5000)]
+    for state in states[1:]:
+        for key, value in states[0].items():
+            np.testing.assert_array_equal(value, state[key])
+    shift = states[0]["shift"]
+    assert shift > 0 and len(states[0]["normal_keys"]) + len(states[0]["anomalous_keys"]) <= 256
+    finer = CollapsingHistogram(10**6)
+    finer.add(*reduce_numpy(encode_numpy(values) >> np.uint32(shift - 1), positive, shift - 1))
+    finer.consolidate()
+    assert finer.shift == shift - 1
+    assert len(finer.normal) + len(finer.anomalous) > 256  # one bit finer would not fit
+
+
+def test_coarsen_refuses_to_refine_and_segment_sums_are_exact():
+    bins = BinCounts(3, np.array([1, 2], dtype=np.uint32), np.array([1, 1]))
+    with pytest.raises(ValueError, match="refine"):
+        bins.coarsen(2)
+    big = np.array([2**62, 2**62 - 1, 5], dtype=np.int64)
+    np.testing.assert_array_equal(segment_sums(big, np.array([0, 2])), [2**63 - 1, 5])
+    merged = combine([bins, BinCounts(4, np.array([1], dtype=np.uint32), np.array([4]))])
+    assert merged.shift == 4 and merged.keys.tolist() == [0, 1] and merged.counts.tolist() == [1, 5]
+
+
+def test_bad_state_and_capacity_are_rejected():
+    with pytest.raises(ValueError, match="capacity"):
+        CollapsingHistogram(1)
+    state = histogram_of(np.arange(10, dtype=np.float32), np.arange(10) % 2 == 0, 64, 10).state_dict()
+    state["normal_keys"] = state["normal_keys"][::-1].copy()
+    with pytest.raises(ValueError, match="sorted"):
+        CollapsingHistogram.from_state_dict(state)
+    with pytest.raises(ValueError, match="capacity"):
+        CollapsingHistogram(4).merged(CollapsingHistogram(8))
+
+
+@pytest.mark.parametrize("capacity", [64, 4096])
+def test_dense_window_and_sparse_paths_give_the_same_state(capacity):
+    """bincount window, sorted sparse counts or a mix (as with device batches): one canonical state."""
+    rng = np.random.default_rng(2)
+    chunks = [np.concatenate([rng.normal(size=300), rng.choice([1e30, -1e-30], 5)]).astype(np.float32)
+              for _ in range(6)]
+    states = []
+    for route in ("window", "sparse", "mixed"):
+        hist = CollapsingHistogram(capacity)
+        for i, chunk in enumerate(chunks):
+            shift = hist.shift
+            keys = encode_numpy(chunk) >> np.uint32(shift)
+            if route == "window" or (route == "mixed" and i % 2):
+                hist.add_normal_keys(keys, shift)
+            else:
+                hist.add(counts_of_keys(keys, shift), None)
+        states.append(hist.state_dict())
+    for state in states[1:]:
+        for key, value in states[0].items():
+            np.testing.assert_array_equal(value, state[key])
