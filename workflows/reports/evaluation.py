@@ -1,0 +1,160 @@
+"""Reports of one evaluation job: per category ``curves/<stem>_roc.png``, ``curves/<stem>_pro.png``
+(when masks exist) and ``gallery/<stem>.png``; ``log_evaluation_reports`` logs them to the active
+MLflow run. ``<stem>`` is the category, prefixed by its dataset when two datasets share a category name.
+
+Categories are handled one at a time, so the driver holds one category's merged metric state and at
+most one gallery's maps and images at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+from workflows import storage
+from workflows.pipelines.resume import Shard
+from workflows.reports import job_outputs
+from workflows.reports.curves import write_category_curves
+from workflows.reports.gallery import GalleryTile, plot_gallery
+from workflows.reports.selection import (
+    GROUPS,
+    LOW_ANOMALIES,
+    TYPICAL_ANOMALIES,
+    Candidate,
+    GallerySelector,
+    candidates_from_table,
+)
+
+NO_MAPS_NOTE = ("No anomaly maps were stored for this run (evaluate.save_maps=none): images only, chosen "
+                "by image score. Set evaluate.save_maps=sample to see the maps.")
+
+
+@dataclass
+class CategoryReport:
+    """Files written for one "dataset/category" and, per figure left out, the reason."""
+
+    name: str
+    stem: str
+    files: dict[str, str] = field(default_factory=dict)  # artifact path -> local file
+    missing: dict[str, str] = field(default_factory=dict)  # figure -> reason
+    gallery_images: dict[str, list[str]] = field(default_factory=dict)  # group -> image ids
+
+
+def artifact_stems(names: list[str]) -> dict[str, str]:
+    """"dataset/category" -> file-name stem: the category, or "dataset_category" when ambiguous."""
+    categories = [name.split("/", 1)[1] for name in names]
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+    return {name: clean(name.split("/", 1)[1] if categories.count(name.split("/", 1)[1]) == 1
+                        else name.replace("/", "_")) for name in names}
+
+
+def select_gallery(job_url: str, shards: list[Shard], per_group: int) -> tuple[dict[str, list[Candidate]],
+                                                                               bool, int]:
+    """Stream the category's results shard by shard; returns (groups, maps stored?, images considered).
+
+    When any map is stored for the category, only images with a stored map are candidates."""
+    map_ids = {shard.shard_id: job_outputs.stored_map_ids(job_url, shard.shard_id) for shard in shards}
+    with_maps = any(map_ids.values())
+    selector = GallerySelector(per_group=per_group)
+    for shard in shards:
+        table = job_outputs.read_results(job_url, shard)
+        selector.add(candidates_from_table(table, shard.shard_id,
+                                           map_ids[shard.shard_id] if with_maps else None))
+    return selector.select(), with_maps, selector.seen
+
+
+def _caption(candidate: Candidate) -> str:
+    name = "/".join(candidate.source.split("/")[-2:]) if candidate.source else candidate.image_id[:12]
+    kind = "normal" if candidate.label == 0 else (candidate.defect_type or "anomalous")
+    return f"{name[:22]} · {kind[:14]}\nscore {candidate.score:.4g}"
+
+
+def gallery_tiles(job_url: str, shards: list[Shard], groups: dict[str, list[Candidate]],
+                  with_maps: bool) -> dict[str, list[GalleryTile]]:
+    """Load the chosen images' maps and originals (one shard at a time) and make the tiles."""
+    by_id = {s.shard_id: s for s in shards}
+    chosen: dict[str, list[str]] = {}
+    for members in groups.values():
+        for candidate in members:
+            chosen.setdefault(candidate.shard_id, []).append(candidate.image_id)
+    maps, originals = {}, {}
+    for shard_id, ids in sorted(chosen.items()):
+        shard_maps = job_outputs.load_maps(job_url, shard_id, ids) if with_maps else {}
+        maps.update(shard_maps)
+        size = next(iter(shard_maps.values())).shape if shard_maps else None
+        try:
+            originals.update(job_outputs.load_originals(by_id[shard_id], ids, size))
+        except Exception as exc:  # noqa: BLE001 - the dataset may have moved; maps alone still help
+            warnings.warn(f"gallery: originals of shard {shard_id} unreadable ({exc}); maps only",
+                          stacklevel=2)
+    tiles = {}
+    for group, members in groups.items():
+        tiles[group] = []
+        for candidate in members:
+            image, mask = originals.get(candidate.image_id, (None, None))
+            tiles[group].append(GalleryTile(image, maps.get(candidate.image_id), mask, _caption(candidate)))
+    return tiles
+
+
+def write_category_reports(job_url: str, name: str, shards: list[Shard], out_dir: str, stem: str,
+                           title: str = "", per_group: int = 4) -> CategoryReport:
+    """Curves and gallery of one category into ``out_dir/curves`` and ``out_dir/gallery``."""
+    report = CategoryReport(name, stem)
+    heading = f"{name} · {title}" if title else name
+    curve_files = write_category_curves(job_outputs.merged_accumulator(job_url, shards), heading,
+                                        os.path.join(out_dir, "curves"), stem)
+    for path in (curve_files.roc_png, curve_files.pro_png):
+        if path:
+            report.files[f"curves/{os.path.basename(path)}"] = path
+    report.missing.update(curve_files.missing)
+    groups, with_maps, seen = select_gallery(job_url, shards, per_group)
+    report.gallery_images = {group: [c.image_id for c in members] for group, members in groups.items()}
+    tiles = gallery_tiles(job_url, shards, groups, with_maps)
+    pool = f"among the {seen} images with a stored map" if with_maps else f"among {seen} images"
+    notes = [f"Chosen {pool}; typical = closest to the class's median score."]
+    if not with_maps:
+        notes.append(NO_MAPS_NOTE)
+    anomalous_tiles = [t for group in (LOW_ANOMALIES, TYPICAL_ANOMALIES) for t in tiles[group]]
+    if anomalous_tiles and not any(t.mask is not None for t in anomalous_tiles):
+        notes.append("No defect outlines: these images have no ground-truth masks.")
+    kind = "Anomaly maps" if with_maps else "Images by score"
+    path = plot_gallery([(group, tiles[group]) for group in GROUPS], f"{kind} — {heading}",
+                        os.path.join(out_dir, "gallery", f"{stem}.png"), notes)
+    report.files[f"gallery/{stem}.png"] = path
+    return report
+
+
+def write_evaluation_reports(job_url: str, out_dir: str, *, per_group: int = 4) -> list[CategoryReport]:
+    """Reports of every category of a committed evaluation job."""
+    grouped = job_outputs.shards_by_category(job_url)
+    stems = artifact_stems(list(grouped))
+    title = job_outputs.job_title(job_url)
+    return [write_category_reports(job_url, name, shards, out_dir, stems[name], title, per_group)
+            for name, shards in grouped.items()]
+
+
+def log_evaluation_reports(tracker, job_url: str, *, per_group: int = 4) -> list[CategoryReport]:
+    """Write the job's reports to a temporary directory and log them as artifacts of the active run
+    (``curves/``, ``gallery/``; ``curves/<stem>_missing.txt`` says why a curve is absent). A failure is
+    a warning: pictures never fail an evaluation whose metrics are already logged."""
+    if not getattr(tracker, "enabled", False):
+        return []
+    try:
+        with tempfile.TemporaryDirectory(prefix="residual-ad-reports-") as tmp:
+            reports = write_evaluation_reports(job_url, tmp, per_group=per_group)
+            for report in reports:
+                if report.missing:
+                    lines = [f"{figure}: {reason}" for figure, reason in sorted(report.missing.items())]
+                    tracker.text("\n".join(lines) + "\n", f"curves/{report.stem}_missing.txt")
+                for artifact, path in report.files.items():
+                    tracker.file(path, os.path.dirname(artifact))
+            return reports
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        warnings.warn(storage.redact(f"reports for {job_url}: {type(exc).__name__}: {exc}"), stacklevel=2)
+        return []
