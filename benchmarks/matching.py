@@ -1,0 +1,254 @@
+"""Nearest-neighbour retrieval for reference banks: exact torch vs FAISS flat vs IVF vs HNSW.
+
+For each bank size (default 10^3..10^6 vectors, dimension 768) it prints queries/s, the ratio to the
+torch brute force, recall@1 against the exact torch answer, index memory and build time. Data are
+synthetic "patch-like" vectors (a low-dimensional latent mixture lifted to 768-d plus noise); queries are
+fresh draws from the same distribution, like patches of other images of the category. A second
+table times the full Res2CLIP strategy (`sparse_radial_knn`, `radial_1nn`) on both execution paths
+for a realistic bank (k shots of a 37x37 grid, as ViT-L/14 at 518 px).
+
+    .venv/bin/python benchmarks/matching.py                 # the RESULTS.md run
+    .venv/bin/python benchmarks/matching.py --sizes 1000 10000 --queries 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import resource
+import time
+
+import faiss
+import torch
+
+from residual_core import faiss_index
+from residual_core.faiss_index import IndexSpec
+from residual_core.matching import grid_positions, match, parse_strategy, prepare_reference
+
+DIM = 768
+LATENT = 64
+CLUSTERS = 256
+
+
+class PatchDistribution:
+    """Patch-like vectors: one of 256 cluster centres + a 64-d latent variation lifted to 768-d + noise."""
+
+    def __init__(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.lift = torch.randn(LATENT, DIM, generator=g) / math.sqrt(LATENT)
+        self.centres = torch.randn(CLUSTERS, DIM, generator=g)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        label = torch.randint(CLUSTERS, (n,), generator=generator)
+        latent = torch.randn(n, LATENT, generator=generator) @ self.lift
+        x = self.centres[label] + latent + 0.3 * torch.randn(n, DIM, generator=generator)
+        return faiss_index.normalise_rows(x)
+
+
+def synthetic_bank(distribution: PatchDistribution, size: int, seed: int, chunk: int = 100_000):
+    """Yield L2-normalised chunks of `size` bank vectors."""
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, size, chunk):
+        yield distribution.sample(min(chunk, size - start), g)
+
+
+def flat_view(index: faiss.IndexFlat) -> torch.Tensor:
+    """The flat index's own storage as an [N, D] tensor (no copy): the torch baseline shares it."""
+    array = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
+    return torch.from_numpy(array).view(index.ntotal, index.d)
+
+
+def torch_top1(bank: torch.Tensor, queries: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """Exact top-1 by batched matmul, query blocks sized so one [block, N] score matrix is <= 64 MiB."""
+    batch = max(1, max_elements // bank.shape[0])
+    return torch.cat([(queries[i : i + batch] @ bank.T).argmax(-1) for i in range(0, len(queries), batch)])
+
+
+class Stopwatch:
+    """`with Stopwatch() as watch: ...` then `watch.seconds`."""
+
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def ivf_spec(size: int) -> IndexSpec:
+    return IndexSpec(kind="ivf", nlist=int(min(1024, 4 * math.sqrt(size))), nprobe=16, train_size=50_000)
+
+
+def retrieval_table(sizes, n_queries, big_queries, hnsw_m, ef_construction, seed, hnsw_max_size):
+    rows = []
+    for size in sizes:
+        gc.collect()
+        flat = faiss.IndexFlatIP(DIM)
+        build_flat = 0.0
+        distribution = PatchDistribution(seed)
+        for chunk in synthetic_bank(distribution, size, seed + 1):
+            with Stopwatch() as watch:
+                flat.add(chunk.numpy())
+            build_flat += watch.seconds
+        bank = flat_view(flat)
+        q_count = min(n_queries if size < 1_000_000 else big_queries, size)
+        queries = distribution.sample(q_count, torch.Generator().manual_seed(seed + 2))  # fresh patches
+        with Stopwatch() as watch:
+            exact = torch_top1(bank, queries)
+        torch_qps = q_count / watch.seconds
+        bank_bytes = size * DIM * 4
+        rows.append(("torch exact", size, q_count, torch_qps, 1.0, 1.0, bank_bytes, 0.0))
+        print(f"[{size}] torch exact {torch_qps:.0f} q/s", flush=True)
+        with Stopwatch() as watch:
+            _, ids = faiss_index.search(flat, queries, 1)
+        t = watch.seconds
+        recall = (ids[:, 0] == exact).float().mean().item()
+        rows.append(
+            (
+                "faiss flat",
+                size,
+                q_count,
+                q_count / t,
+                q_count / t / torch_qps,
+                recall,
+                faiss_index.index_memory_bytes(flat),
+                build_flat,
+            )
+        )
+        print(f"[{size}] faiss flat {q_count / t:.0f} q/s", flush=True)
+        specs = [ivf_spec(size)]
+        if size <= hnsw_max_size:
+            specs.append(
+                IndexSpec(kind="hnsw", hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=128)
+            )
+        else:
+            print(f"[{size}] hnsw skipped (--hnsw-max-size {hnsw_max_size}: build time)", flush=True)
+        for spec in specs:
+            gc.collect()
+            with Stopwatch() as building:
+                index = faiss_index.build_index(bank, spec, normalise=False)
+            build = building.seconds
+            with Stopwatch() as watch:
+                _, ids = faiss_index.search(index, queries, 1)
+            t = watch.seconds
+            recall = (ids[:, 0] == exact).float().mean().item()
+            label = f"ivf{index.nlist} np{index.nprobe}" if spec.kind == "ivf" else f"hnsw M{hnsw_m} ef128"
+            rows.append(
+                (
+                    label,
+                    size,
+                    q_count,
+                    q_count / t,
+                    q_count / t / torch_qps,
+                    recall,
+                    faiss_index.index_memory_bytes(index),
+                    build,
+                )
+            )
+            print(f"[{size}] {label} {q_count / t:.0f} q/s, build {build:.1f}s", flush=True)
+            del index
+        del bank, flat
+    return rows
+
+
+def strategy_table(shots_list, side, queries_images, seed):
+    """Full strategy cost: torch brute force vs FAISS candidates + exact re-rank (flat index)."""
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    grid = (side, side)
+    for shots in shots_list:
+        base = torch.randn(side * side, DIM, generator=g)
+        refs = torch.cat([base + 0.5 * torch.randn(base.shape, generator=g) for _ in range(shots)])
+        queries = faiss_index.normalise_rows(
+            torch.stack([base + 0.5 * torch.randn(base.shape, generator=g) for _ in range(queries_images)])
+        )
+        reference = prepare_reference(refs, grid_positions(grid).repeat(shots, 1), grid)
+        index = faiss_index.build_index(reference.features, normalise=False)
+        for text in ("sparse_radial_knn", "radial_1nn"):
+            strategy = parse_strategy(text)
+            with Stopwatch() as watch:
+                brute = match(queries, reference, strategy)
+            t_torch = watch.seconds
+            with Stopwatch() as watch:
+                fast = match(queries, reference, strategy, path="faiss", index=index)
+            t_faiss = watch.seconds
+            same = torch.allclose(brute.matched, fast.matched, atol=1e-5)
+            patches = queries.shape[0] * queries.shape[1]
+            rows.append(
+                (
+                    text,
+                    shots,
+                    refs.shape[0],
+                    patches / t_torch,
+                    patches / t_faiss,
+                    fast.fallback_rows / patches,
+                    same,
+                )
+            )
+            print(
+                f"[strategy {text} {shots}-shot] torch {patches / t_torch:.0f} patches/s, "
+                f"faiss {patches / t_faiss:.0f} patches/s",
+                flush=True,
+            )
+    return rows
+
+
+def print_tables(retrieval, strategies, args):
+    print()
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    print(
+        f"threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}; "
+        f"cpu cores {os.cpu_count()}; peak RSS {peak_rss_gib:.1f} GiB; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "\n| method | bank size | queries | queries/s | ratio to torch | recall@1 | index memory | build s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, size, q, qps, ratio, recall, memory, build in retrieval:
+        print(
+            f"| {name} | {size:,} | {q} | {qps:,.{0 if qps >= 10 else 1}f} | {ratio:.2f}x | {recall:.3f} | "
+            f"{memory / 2**20:,.1f} MiB | {build:.1f} |"
+        )
+    if strategies:
+        print(
+            f"\nFull strategy ({args.side}x{args.side} grid, {args.strategy_images} query images, dim {DIM}):"
+        )
+        print("\n| strategy | shots | bank vectors | torch patches/s | faiss patches/s | fallback | equal |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for text, shots, n, torch_rate, faiss_rate, fallback, same in strategies:
+            print(
+                f"| {text} | {shots} | {n:,} | {torch_rate:,.0f} | {faiss_rate:,.0f} | {fallback:.1%} "
+                f"| {same} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=1000, help="queries for banks below 10^6")
+    parser.add_argument("--big-queries", type=int, default=300, help="queries for the 10^6 bank")
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--hnsw-max-size", type=int, default=100_000, help="skip HNSW above (build time)")
+    parser.add_argument("--shots", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--side", type=int, default=37)
+    parser.add_argument("--strategy-images", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    retrieval = retrieval_table(
+        args.sizes,
+        args.queries,
+        args.big_queries,
+        args.hnsw_m,
+        args.ef_construction,
+        args.seed,
+        args.hnsw_max_size,
+    )
+    strategies = strategy_table(args.shots, args.side, args.strategy_images, args.seed) if args.shots else []
+    print_tables(retrieval, strategies, args)
+
+
+if __name__ == "__main__":
+    main()

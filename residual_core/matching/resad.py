@@ -1,0 +1,77 @@
+"""ResAD's matching and residuals (the authors' `get_mc_matched_ref_features` / `get_residual_features`).
+
+Each query position takes the reference feature with the highest cosine similarity (argmax of
+normalised inner products) among all positions of all reference images of its class, per level.
+The *raw* (unnormalised) reference feature is returned; the residual is f - p, or (f - p)^2 element
+by element in the authors' "pos_flag" variant.
+"""
+
+from __future__ import annotations
+
+import faiss
+import torch
+
+from residual_core import faiss_index
+from residual_core.matching.engine import (
+    DEFAULT_MAX_ELEMENTS,
+    ReferenceSet,
+    match,
+)
+from residual_core.matching.strategy import MatchStrategy
+
+_NEAREST = MatchStrategy(weighting="nearest", penalty="", k_neighbors=1)
+
+
+def nearest_reference_indices(
+    features: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    path: str = "torch",
+    index: faiss.Index | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """For raw features [B, L, C] and raw references [N, C]: [B, L] index of the cosine-nearest reference."""
+    if features.ndim != 3:
+        raise ValueError(f"features must be [B, L, C], got shape {tuple(features.shape)}")
+    references = ReferenceSet(faiss_index.normalise_rows(reference.float()))
+    query = faiss_index.normalise_rows(features.float())
+    result = match(
+        query,
+        references,
+        _NEAREST,
+        query_grid=(1, features.shape[1]),
+        path=path,
+        index=index,
+        candidates=1,
+        max_elements=max_elements,
+    )
+    return result.nearest
+
+
+def matched_reference_maps(
+    feature_map: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    path: str = "torch",
+    index: faiss.Index | None = None,
+) -> torch.Tensor:
+    """ResAD layout: feature map [B, C, H, W], references [N, C] -> matched raw references [B, C, H, W]."""
+    if feature_map.ndim != 4 or reference.ndim != 2 or reference.shape[1] != feature_map.shape[1]:
+        raise ValueError(
+            f"need a [B, C, H, W] map and [N, C] references with the same C; got "
+            f"{tuple(feature_map.shape)} and {tuple(reference.shape)}"
+        )
+    batch, channels, height, width = feature_map.shape
+    tokens = feature_map.flatten(2).transpose(1, 2)
+    nearest = nearest_reference_indices(tokens, reference, path=path, index=index)
+    return reference[nearest].view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def residual(features: torch.Tensor, matched: torch.Tensor, *, squared: bool = False) -> torch.Tensor:
+    """f - p, or the element-wise squared error (f - p)^2 (ResAD's pos_flag=True)."""
+    if features.shape != matched.shape:
+        raise ValueError(
+            f"residual needs equal shapes, got {tuple(features.shape)} and {tuple(matched.shape)}"
+        )
+    difference = features - matched
+    return difference * difference if squared else difference

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from residual_core import faiss_index
+from residual_core.matching.resad import matched_reference_maps, nearest_reference_indices, residual
+
+
+def test_matched_maps_return_raw_cosine_nearest_references():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(40, 8, generator=g) * torch.rand(40, 1, generator=g) * 10  # varied norms
+    chosen = torch.randint(40, (2, 3, 4), generator=g)
+    scales = torch.rand(2, 3, 4, 1, generator=g) + 0.5
+    feature_map = (reference[chosen] * scales).permute(0, 3, 1, 2)  # scaled copies: same direction
+    matched = matched_reference_maps(feature_map, reference)
+    assert matched.shape == feature_map.shape
+    assert torch.equal(matched, reference[chosen].permute(0, 3, 1, 2))  # raw, unnormalised reference
+
+
+def test_nearest_indices_equal_brute_force_argmax_on_both_paths():
+    g = torch.Generator().manual_seed(1)
+    features, reference = torch.randn(3, 20, 16, generator=g), torch.randn(100, 16, generator=g)
+    expected = (faiss_index.normalise_rows(features) @ faiss_index.normalise_rows(reference).T).argmax(-1)
+    assert torch.equal(nearest_reference_indices(features, reference), expected)
+    index = faiss_index.build_index(reference)
+    assert torch.equal(nearest_reference_indices(features, reference, path="faiss", index=index), expected)
+
+
+def test_residuals_plain_and_squared():
+    f, p = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 1.0]])
+    assert torch.equal(residual(f, p), torch.tensor([[0.5, -3.0]]))
+    assert torch.equal(residual(f, p, squared=True), torch.tensor([[0.25, 9.0]]))
+    with pytest.raises(ValueError, match="equal shapes"):
+        residual(f, p[:, :1])
