@@ -1,0 +1,57 @@
+"""The 1-NN residual baseline on a tiny random backbone stand-in and on hand-made features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from residual_core.backbones import BackboneFeatures
+from residual_core.methods import create_method
+from residual_core.methods.baseline import nearest_residual_norm
+
+
+class GridBackbone(torch.nn.Module):
+    """Patch features = 2x2-pooled pixels (layer 0) and 4x4-pooled pixels (layer 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward_features(self, images):
+        tokens, grids = [], []
+        for pool in (2, 4):
+            pooled = F.avg_pool2d(images, pool)
+            grids.append(tuple(pooled.shape[-2:]))
+            tokens.append(pooled.flatten(2).transpose(1, 2) + 1.0)
+        return BackboneFeatures(patch_tokens=tokens, grids=grids, global_embedding=None)
+
+
+class FakeBank:
+    def __init__(self, backbone, references):
+        out = backbone.forward_features(references)
+        self.features = [t.reshape(-1, t.shape[-1]) for t in out.patch_tokens]
+
+
+def test_nearest_residual_norm_matches_brute_force():
+    query, reference = F.normalize(torch.randn(50, 8), dim=1), F.normalize(torch.randn(30, 8), dim=1)
+    expected = (query[:, None] - reference[None]).norm(dim=2).min(dim=1).values
+    torch.testing.assert_close(nearest_residual_norm(query, reference, chunk=7), expected)
+
+
+def test_baseline_scores_zero_on_references_and_flags_the_defect():
+    torch.manual_seed(0)
+    backbone = GridBackbone()
+    method = create_method("baseline", backbone)
+    assert method.trainable is False and method.config_dict() == {"normalize": True}
+    references = torch.rand(2, 3, 16, 16)
+    bank = FakeBank(backbone, references)
+    defective = references[:1].clone()
+    defective[:, :, 4:8, 4:8] = torch.tensor([1.0, -1.0, 1.0])[:, None, None]
+    out = method.score(torch.cat([references, defective]), bank)
+    assert out.anomaly_map.shape == (3, 16, 16) and out.branches == ("visual",)
+    assert out.image_score[:2].abs().max() < 1e-3  # the references themselves are normal
+    assert out.image_score[2] > 0.1
+    peak = out.anomaly_map[2].flatten().argmax()
+    assert 2 <= peak // 16 <= 9 and 2 <= peak % 16 <= 9  # the map peaks on the pasted square
+    batched = torch.cat([method.score(x[None], bank).image_score for x in torch.cat([references, defective])])
+    torch.testing.assert_close(batched, out.image_score)

@@ -1,0 +1,39 @@
+"""`residual-ad train`: fit a method's learnable parts on auxiliary datasets (one Ray task per job)."""
+
+from __future__ import annotations
+
+from workflows.config import add_config_arguments
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a method on auxiliary datasets")
+    add_config_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from dataclasses import asdict
+
+    from workflows.config import config_from_args
+    from workflows.pipelines.models import probe_backbone
+    from workflows.pipelines.ray_runtime import init_ray
+    from workflows.pipelines.train import run_train
+    from workflows.tracking import Tracker
+
+    config = config_from_args(args)
+    init_ray(config.ray_address)
+    results = run_train(config)
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled)
+    info = probe_backbone(asdict(config.backbone))
+    for result in results:
+        with tracker.run(f"train {result.spec.method.name} seed={result.spec.seed}", tags={"kind": "train"}):
+            tracker.params({"config": config.to_dict(), "checkpoint": result.checkpoint,
+                            "backbone_identity": info.identity, "reused": result.reused})
+            tracker.loss_history(result.losses)
+            tracker.json(result.contributions, "contributions.json")
+            tracker.json(result.reference_ids, "reference_ids.json")
+        print(f"checkpoint: {result.checkpoint}{' (reused)' if result.reused else ''}")
+        for dataset, entry in sorted(result.contributions.items()):
+            print(f"  {dataset}: {entry['images']} images in {len(entry['categories'])} categories, "
+                  f"{entry['used_for']}")
+    return 0

@@ -1,0 +1,238 @@
+"""Typed run configuration: one YAML file plus `--set key.sub=value` overrides.
+
+Every pipeline command (index, train, evaluate, lodo) reads a `RunConfig`; the resolved config
+(after overrides) is saved with the results and logged to MLflow, so a result always says how it
+was produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or has a value of the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    url: str = ".demo/bench"  # the Parquet dataset (local path, file:// or s3://)
+    datasets: list[str] = field(default_factory=list)  # empty: every dataset under url
+    categories: list[str] = field(default_factory=list)  # empty: every category
+    # dataset -> source group; datasets of one group are held out together in lodo.
+    # Empty: read from the benchmark manifest when there is one, else each dataset is its own group.
+    source_groups: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BackboneConfig:
+    spec: str = "effnet-lite0"
+    layers: list[int] | None = None  # None: the backbone's default layers
+    image_size: int | None = None  # None: the backbone's default resolution
+
+
+@dataclass
+class MethodConfig:
+    name: str = "baseline"
+    params: dict[str, Any] = field(default_factory=dict)  # keyword hyper-parameters for create_method
+    checkpoint: str | None = None  # URL of a trained checkpoint (evaluate of a trainable method)
+
+
+@dataclass
+class IndexConfig:
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class TrainConfig:
+    datasets: list[str] = field(default_factory=list)  # auxiliary datasets (train command)
+    ref_shot: int = 4  # references per auxiliary category (ResAD's train_ref_shot)
+    seed: int = 0
+    max_images_per_category: int | None = None  # cap (deterministic subset) to bound memory/time
+    num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 8
+    num_actors: int = 1
+    shard_size: int = 64  # images per idempotent shard
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    save_maps: str = "none"  # none | sample | all
+    map_sample_fraction: float = 0.1  # with save_maps=sample: deterministic fraction of images
+    max_retries: int = 3  # actor restarts / task retries
+    stop_after_shards: int | None = None  # test hook: stop after committing this many shards
+
+
+@dataclass
+class LodoConfig:
+    methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
+    holdout: list[str] = field(default_factory=list)  # empty: every dataset in turn
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "residual-ad"
+    enabled: bool = True
+
+
+@dataclass
+class RunConfig:
+    output: str = ".demo/runs"  # where indexes, checkpoints and results go (local or s3://)
+    device: str = "auto"  # auto | cpu | cuda
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    lodo: LodoConfig = field(default_factory=LodoConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def key(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none): names a run's output."""
+        data = self.to_dict()
+        if sections:
+            data = {name: data[name] for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- building from dicts
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # `--set index.shots=4` means [4]
+        (item,) = typing.get_args(hint)
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _check_value(v, item, f"{where}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, where: str = "config"):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {name: _check_value(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key.sub, value parsed as YAML: numbers, lists `[1,2]`, null, true...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (local path or URL; None: defaults) and apply `key.sub=value` overrides."""
+    tree: dict = {}
+    if path:
+        from workflows.storage import read_bytes
+
+        loaded = yaml.safe_load(read_bytes(path)) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = loaded
+    base = dataclasses.asdict(RunConfig())
+    for key, value in tree.items():  # merge the file over defaults section by section
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key].update(value)
+        else:
+            base[key] = value
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_path(base, key, value)
+    return _from_dict(RunConfig, base)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _from_dict(RunConfig, data)
+
+
+def save_config(config: RunConfig, url: str) -> None:
+    """Write the resolved config as YAML beside results."""
+    from workflows.storage import atomic_write_bytes
+
+    atomic_write_bytes(url, yaml.safe_dump(config.to_dict(), sort_keys=True).encode())
+
+
+def add_config_arguments(parser) -> None:
+    """The config options shared by every pipeline subcommand."""
+    parser.add_argument("--config", "-c", help="YAML run config (local path or URL)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set evaluate.batch_size=16 (repeatable)",
+    )
+    parser.add_argument("--ray-address", help="Ray cluster to connect to (default: RAY_ADDRESS, else local)")
+
+
+def config_from_args(args) -> RunConfig:
+    overrides = list(args.overrides or [])
+    if getattr(args, "ray_address", None):
+        overrides.append(f"ray_address={args.ray_address}")
+    return load_config(args.config, overrides)

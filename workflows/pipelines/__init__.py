@@ -1,0 +1,1 @@
+"""Ray pipelines: index (reference banks), train, evaluate, lodo; `resume` holds shard bookkeeping."""

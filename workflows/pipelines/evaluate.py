@@ -1,0 +1,210 @@
+"""`evaluate`: score the `test` split with a method, k-shot and seed; metrics per category and dataset.
+
+Several evaluations (e.g. all k x seeds of a lodo fold) share one Ray Data pipeline, so actors load
+a model once and reuse it. Each evaluation ("job") writes under its own content-addressed directory:
+per-shard outputs (see `resume`), then `metrics.json`, the resolved `config.yaml` and `_SUCCESS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from residual_core.metrics import IMAGE_METRICS, pixel_metric_names  # noqa: E402
+from workflows import storage
+from workflows.config import MethodConfig, RunConfig, save_config
+from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
+from workflows.pipelines.models import content_key, probe_backbone
+from workflows.pipelines.resume import Shard, ShardStore, plan_shards
+from workflows.pipelines.scoring import ScoringJob, run_scoring
+
+METRIC_NAMES = (*IMAGE_METRICS, *pixel_metric_names(0.3))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation: a method (and checkpoint) at k shots and one seed on some datasets."""
+
+    datasets: tuple[str, ...]
+    method: MethodConfig
+    k_shot: int
+    seed: int
+
+    def __hash__(self) -> int:  # MethodConfig holds a dict: hash the JSON form
+        return hash(json.dumps(asdict(self), sort_keys=True, default=str))
+
+    def label(self) -> str:
+        return f"{'+'.join(self.datasets)}|{self.method.name}|k={self.k_shot}|seed={self.seed}"
+
+
+@dataclass
+class EvalResult:
+    spec: EvalSpec
+    job_url: str
+    per_category: dict[str, dict]  # "dataset/category" -> metrics dict (compute() output, floats)
+    per_dataset: dict[str, dict[str, float | None]]  # dataset -> mean over categories
+    counts: dict[str, int]  # images, skipped, shards
+    reference_ids: dict[str, list[str]] = field(default_factory=dict)  # "dataset/category" -> ids
+    resumed_shards: int = 0
+    completed: bool = True
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["spec"] = {"datasets": list(self.spec.datasets), "method": asdict(self.spec.method),
+                       "k_shot": self.spec.k_shot, "seed": self.spec.seed}
+        return out
+
+
+def job_url_for(config: RunConfig, spec: EvalSpec, identity_key: str) -> str:
+    key = content_key({
+        "data": config.data.url, "datasets": list(spec.datasets), "categories": config.data.categories,
+        "backbone": identity_key, "method": asdict(spec.method), "k": spec.k_shot, "seed": spec.seed,
+        "shard_size": config.evaluate.shard_size, "maps": [config.evaluate.save_maps,
+                                                           config.evaluate.map_sample_fraction],
+    })
+    return storage.join(config.output, "evaluate", key)
+
+
+def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool = True) -> list[EvalResult]:
+    """Evaluate every spec; completed jobs are reused, interrupted ones resume shard by shard."""
+    from workflows.pipelines.ray_runtime import gpus_per_worker
+
+    backbone_cfg = asdict(config.backbone)
+    info = probe_backbone(backbone_cfg)
+    ev = config.evaluate
+    jobs: list[tuple[EvalSpec, ScoringJob, list[Shard]]] = []
+    all_requests = []
+    per_spec_pairs = {}
+    for spec in specs:
+        pairs = categories_of(config.data.url, list(spec.datasets), config.data.categories)
+        if not pairs:
+            where = storage.redact(config.data.url)
+            raise ValueError(f"{spec.label()}: no test partitions found under {where}")
+        per_spec_pairs[spec] = pairs
+        all_requests += [BankRequest(d, c, spec.k_shot, spec.seed) for d, c in pairs]
+    plans = ensure_banks(config, all_requests, progress=progress)
+    for spec in specs:
+        job_url = job_url_for(config, spec, info.identity_key)
+        banks = {f"{d}/{c}": plans[BankRequest(d, c, spec.k_shot, spec.seed)].url
+                 for d, c in per_spec_pairs[spec]}
+        job = ScoringJob(
+            job_id=job_url.rsplit("/", 1)[-1], job_url=job_url, backbone=backbone_cfg,
+            method=asdict(spec.method), banks=banks, device=config.device, image_size=info.image_size,
+            mean=info.mean, std=info.std, save_maps=ev.save_maps, map_sample_fraction=ev.map_sample_fraction,
+        )
+        shards = [] if storage.is_committed(job_url) else plan_shards(
+            config.data.url, split="test", shard_size=ev.shard_size, datasets=list(spec.datasets),
+            categories=config.data.categories or None)
+        jobs.append((spec, job, shards))
+
+    tasks, resumed = [], {}
+    for _spec, job, shards in jobs:
+        done = ShardStore(job.job_url).done_ids() if shards else set()
+        resumed[job.job_id] = sum(1 for s in shards if s.shard_id in done)
+        tasks += [(job, s) for s in shards if s.shard_id not in done]
+    if ev.stop_after_shards is not None:  # test hook: simulate an interruption
+        tasks = tasks[: ev.stop_after_shards]
+    if tasks:
+        num_gpus = gpus_per_worker(ev.num_gpus_per_actor)
+        actor_cpus = 1.0 if num_gpus else _actor_cpus(ev.num_actors)
+        rows = run_scoring(tasks, batch_size=ev.batch_size, num_actors=ev.num_actors,
+                           num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus, max_retries=ev.max_retries)
+        for _ in tqdm(rows, total=len(tasks), desc="evaluate: shards", disable=not progress, leave=False):
+            pass
+    if ev.stop_after_shards is not None:
+        return [_partial(spec, job) for spec, job, _ in jobs]
+    results = []
+    for spec, job, shards in jobs:
+        refs = {name: list(plans[BankRequest(*name.split("/"), spec.k_shot, spec.seed)].image_ids)
+                for name in job.banks}
+        results.append(_finalize(config, spec, job, shards, refs, resumed.get(job.job_id, 0)))
+    return results
+
+
+def _actor_cpus(num_actors: int) -> float:
+    """Leave room for the preprocessing tasks beside the actors on the cluster's CPUs."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(0.25, min(1.0, (cpus - 0.5) / max(1, num_actors)))
+
+
+def _partial(spec: EvalSpec, job: ScoringJob) -> EvalResult:
+    done = ShardStore(job.job_url).done_ids()
+    return EvalResult(spec, job.job_url, {}, {}, {"shards": len(done)}, completed=False)
+
+
+def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[Shard],
+              refs: dict[str, list[str]], resumed: int) -> EvalResult:
+    """Merge the shard states per category (one at a time), compute and commit the job's metrics."""
+    from residual_core.metrics import MetricAccumulator
+
+    metrics_url = storage.join(job.job_url, "metrics.json")
+    if storage.is_committed(job.job_url):
+        saved = storage.read_json(metrics_url)
+        return EvalResult(spec, job.job_url, saved["per_category"], saved["per_dataset"], saved["counts"],
+                          saved.get("reference_ids", refs), resumed_shards=saved["counts"]["shards"])
+    store = ShardStore(job.job_url)
+    done = store.done_ids()
+    missing = [s.shard_id for s in shards if s.shard_id not in done]
+    if missing:
+        raise RuntimeError(f"{spec.label()}: {len(missing)} shard(s) did not complete (e.g. {missing[0]})")
+    accumulators: dict[str, MetricAccumulator] = {}
+    counts = {"images": 0, "skipped": 0, "shards": len(shards)}
+    for shard in shards:
+        summary = store.summary(shard.shard_id)
+        counts["images"] += summary["images"]
+        counts["skipped"] += summary["skipped"]
+        name = f"{shard.dataset}/{shard.category}"
+        state = MetricAccumulator.from_state_dict(store.state(shard.shard_id))
+        accumulators[name] = state if name not in accumulators else _merged(accumulators[name], state)
+    per_category = {name: _clean(acc.compute()) for name, acc in sorted(accumulators.items())}
+    per_dataset = dataset_means(per_category)
+    payload = {"per_category": per_category, "per_dataset": per_dataset, "counts": counts,
+               "reference_ids": refs, "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"]}
+    storage.atomic_write_json(metrics_url, payload)
+    save_config(config, storage.join(job.job_url, "config.yaml"))
+    storage.mark_success(job.job_url, {"metrics": "metrics.json"})
+    return EvalResult(spec, job.job_url, per_category, per_dataset, counts, refs, resumed_shards=resumed)
+
+
+def _merged(left, right):
+    merged = left.merge(right)
+    return merged if merged is not None else left
+
+
+def _clean(computed: dict) -> dict:
+    """compute() output made JSON-safe (floats or None; NaN -> None)."""
+    out = {}
+    for key, value in computed.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def dataset_means(per_category: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """Per dataset: mean of each metric over the categories where it is defined (None if nowhere)."""
+    grouped: dict[str, list[dict]] = {}
+    for name, metrics in per_category.items():
+        grouped.setdefault(name.split("/", 1)[0], []).append(metrics)
+    out = {}
+    for dataset, rows in grouped.items():
+        out[dataset] = {}
+        for metric in METRIC_NAMES:
+            values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
+            out[dataset][metric] = sum(values) / len(values) if values else None
+    return out
+
+
+def run_evaluate(config: RunConfig, *, progress: bool = True) -> list[EvalResult]:
+    """The `evaluate` command: configured datasets x index.shots x index.seeds with config.method."""
+    datasets = config.data.datasets or sorted({d for d, _ in categories_of(config.data.url, None, None)})
+    specs = [EvalSpec(tuple(datasets), config.method, k, s)
+             for k in config.index.shots for s in config.index.seeds]
+    return run_evaluations(config, specs, progress=progress)

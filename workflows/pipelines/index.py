@@ -1,0 +1,176 @@
+"""`index`: build reference banks (+ FAISS indexes) per (dataset, category, k, seed) as Ray tasks.
+
+Banks live under a content-addressed key (backbone identity, layers, k, seed, selected image ids),
+so an existing complete bank (with its commit marker) is reused, never rebuilt.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from workflows import storage
+from workflows.config import RunConfig
+from workflows.pipelines.models import BackboneInfo, content_key, create_backbone_from_config, probe_backbone
+
+BANK_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BankRequest:
+    dataset: str
+    category: str
+    k_shot: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    request: BankRequest
+    image_ids: tuple[str, ...]
+    url: str
+
+
+def normal_train_ids(data_url: str, dataset: str, category: str) -> list[str]:
+    """Image ids of the normal `train` images of one category (sorted)."""
+    from workflows.datasets.reader import read_table
+
+    table = read_table(
+        data_url, columns=["image_id", "label"],
+        filters=[("dataset", "==", dataset), ("category", "==", category), ("split", "==", "train")],
+    )
+    labels = table.column("label").to_pylist()
+    return sorted(i for i, label in zip(table.column("image_id").to_pylist(), labels, strict=True)
+                  if label in (0, None))
+
+
+def plan_bank(config: RunConfig, info: BackboneInfo, request: BankRequest) -> BankPlan:
+    """Choose the references deterministically and name the bank by its content."""
+    from residual_core.bank import select_reference_ids
+
+    candidates = normal_train_ids(config.data.url, request.dataset, request.category)
+    if len(candidates) < request.k_shot:
+        raise ValueError(
+            f"{request.dataset}/{request.category}: {request.k_shot}-shot needs {request.k_shot} normal "
+            f"train images, found {len(candidates)}"
+        )
+    ids = tuple(select_reference_ids(candidates, request.k_shot, request.seed))
+    key = content_key({
+        "format": BANK_FORMAT, "backbone": info.identity_key, "layers": info.identity.get("layers"),
+        "k": request.k_shot, "seed": request.seed, "ids": list(ids),
+        "dataset": request.dataset, "category": request.category,
+    })
+    url = storage.join(config.output, "indexes", request.dataset, request.category, key)
+    return BankPlan(request, ids, url)
+
+
+def read_images(data_url: str, dataset: str, category: str, split: str, image_ids, info: BackboneInfo):
+    """Decode and preprocess the given images of a partition, in the order of `image_ids`."""
+    import torch
+
+    from residual_core.images import decode_image, image_to_tensor
+    from workflows.datasets.reader import read_table
+
+    table = read_table(
+        data_url, columns=["image_id", "image"],
+        filters=[("dataset", "==", dataset), ("category", "==", category), ("split", "==", split),
+                 ("image_id", "in", list(image_ids))],
+    )
+    by_id = dict(zip(table.column("image_id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    missing = [i for i in image_ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{dataset}/{category}/{split}: images not found: {missing[:5]}")
+    tensors = [image_to_tensor(decode_image(by_id[i]), info.image_size, info.mean, info.std)
+               for i in image_ids]
+    return torch.stack(tensors)
+
+
+def build_bank_task(backbone_cfg: dict, data_url: str, plan: BankPlan, device: str) -> str:
+    """Ray task body: extract features of the references, save the bank, commit it."""
+    from residual_core.bank import build_bank, save_bank
+    from workflows.pipelines.artifacts import upload_dir
+    from workflows.pipelines.models import backbone_info, resolve_device
+
+    if storage.is_committed(plan.url):  # another task (or an earlier run) finished it meanwhile
+        return plan.url
+    backbone = _cached_backbone(backbone_cfg, resolve_device(device))
+    info = backbone_info(backbone)
+    req = plan.request
+    images = read_images(data_url, req.dataset, req.category, "train", plan.image_ids, info)
+    bank = build_bank(backbone, images.to(next(backbone.parameters()).device), dataset=req.dataset,
+                      category=req.category, seed=req.seed, image_ids=list(plan.image_ids))
+    with tempfile.TemporaryDirectory(prefix="bank-") as tmp:
+        save_bank(bank, tmp)
+        upload_dir(tmp, plan.url, {"dataset": req.dataset, "category": req.category, "k_shot": req.k_shot,
+                                   "seed": req.seed, "image_ids": list(plan.image_ids)})
+    return plan.url
+
+
+_BACKBONES: dict[str, object] = {}
+
+
+def _cached_backbone(backbone_cfg: dict, device: str):
+    import json
+
+    key = json.dumps([backbone_cfg, device], sort_keys=True)
+    if key not in _BACKBONES:
+        _BACKBONES.clear()
+        _BACKBONES[key] = create_backbone_from_config(backbone_cfg, device).eval()
+    return _BACKBONES[key]
+
+
+def ensure_banks(config: RunConfig, requests: list[BankRequest], *,
+                 progress: bool = True) -> dict[BankRequest, BankPlan]:
+    """Plan every requested bank; build the missing ones as Ray tasks; return request -> plan."""
+    import ray
+
+    from workflows.pipelines.ray_runtime import gpus_per_worker
+
+    backbone_cfg = _backbone_dict(config)
+    info = probe_backbone(backbone_cfg)
+    plans = {req: plan_bank(config, info, req) for req in dict.fromkeys(requests)}
+    missing = [plan for plan in plans.values() if not storage.is_committed(plan.url)]
+    if missing:
+        gpus = gpus_per_worker(config.train.num_gpus)
+        remote = ray.remote(num_cpus=1, num_gpus=gpus,
+                            max_retries=config.evaluate.max_retries)(build_bank_task)
+        refs = [remote.remote(backbone_cfg, config.data.url, plan, config.device) for plan in missing]
+        _wait_all(refs, f"index: building {len(refs)} bank(s)", progress)
+    return plans
+
+
+def _wait_all(refs: list, label: str, progress: bool) -> list:
+    import ray
+    from tqdm import tqdm
+
+    pending, done = list(refs), []
+    with tqdm(total=len(refs), desc=label, disable=not progress, leave=False) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done.extend(ray.get(ready))
+            bar.update(len(ready))
+    return done
+
+
+def _backbone_dict(config: RunConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config.backbone)
+
+
+def categories_of(data_url: str, datasets: list[str] | None, categories: list[str] | None,
+                  split: str = "test") -> list[tuple[str, str]]:
+    """(dataset, category) pairs that have a `split` partition, filtered by the config lists."""
+    from workflows.datasets.reader import list_partitions
+
+    pairs = sorted({(d, c) for d, c, s in list_partitions(data_url) if s == split})
+    return [(d, c) for d, c in pairs
+            if (not datasets or d in datasets) and (not categories or c in categories)]
+
+
+def run_index(config: RunConfig) -> dict[BankRequest, BankPlan]:
+    """The `index` command: banks for every category x k x seed of the configured datasets."""
+    pairs = categories_of(config.data.url, config.data.datasets, config.data.categories)
+    requests = [BankRequest(d, c, k, s)
+                for d, c in pairs for k in config.index.shots for s in config.index.seeds]
+    return ensure_banks(config, requests)

@@ -1,0 +1,49 @@
+"""Start or join Ray: a cluster at `--ray-address`/RAY_ADDRESS, else a local Ray on this machine."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS); start a local Ray otherwise. Reuses a running one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # on a cluster the nodes are expected to have residual-ad installed (same image as the driver)
+    if address:
+        ray.init(address=address, log_to_driver=True, ignore_reinit_error=True)
+    else:
+        # address="local": start our own Ray, never silently join whatever `ray start` left running
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=True)
+    # our own progress bars (tqdm, per pipeline stage) replace Ray Data's per-operator log lines
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    if hasattr(context, "enable_operator_progress_bars"):
+        context.enable_operator_progress_bars = False
+
+
+def cluster_gpus() -> float:
+    """GPUs the cluster offers (0 on a CPU-only machine)."""
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def gpus_per_worker(requested: float | None) -> float:
+    """`requested` when given; else 1 GPU per worker when the cluster has GPUs, 0 otherwise."""
+    if requested is not None:
+        return float(requested)
+    return 1.0 if cluster_gpus() >= 1 else 0.0
+
+
+def torch_device(config_device: str, num_gpus: float) -> str:
+    """Device a worker should use: explicit config wins; auto picks cuda when the worker has a GPU."""
+    if config_device != "auto":
+        return config_device
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

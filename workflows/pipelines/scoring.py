@@ -1,0 +1,242 @@
+"""The reusable scoring pipeline: shards of image rows -> per-image results + metric states.
+
+Ray Data runs two stages over a list of (job, shard) tasks:
+1. `prepare_shard` (CPU tasks): read the shard's needed columns, decode and preprocess images and
+   masks; a corrupt image becomes a skipped row with its reason.
+2. `ScoringActor` (actor pool, `num_gpus` per actor when GPUs exist): caches backbones, methods and
+   per-category banks, scores in batches of `batch_size`, reduces anomaly maps into a
+   `MetricAccumulator` per shard, commits the shard's outputs, and returns a small summary.
+Nothing per-pixel reaches the driver. `evaluate` uses it; so can `scan`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from workflows.pipelines.resume import Shard, ShardStore, read_shard
+
+
+@dataclass
+class ScoringJob:
+    """Everything an actor needs to score shards of one (method, checkpoint, k, seed) evaluation."""
+
+    job_id: str
+    job_url: str  # where the shard outputs go
+    backbone: dict  # BackboneConfig as dict: spec, layers, image_size
+    method: dict  # MethodConfig as dict: name, params, checkpoint
+    banks: dict[str, str]  # "dataset/category" -> bank URL
+    device: str = "auto"
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    save_maps: str = "none"  # none | sample | all
+    map_sample_fraction: float = 0.1
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ScoringJob:
+        return cls(**json.loads(text))
+
+
+def prepare_shard(task: dict) -> dict:
+    """Stage 1 (CPU): read and preprocess one shard into arrays (pickled, one row per shard)."""
+    from residual_core.images import decode_image, decode_mask, image_to_tensor, mask_to_tensor
+
+    job = ScoringJob.from_json(task["job"])
+    shard = Shard.from_dict(json.loads(task["shard"]))
+    table = read_shard(shard).to_pylist()
+    size = job.image_size
+    images, masks, kept, skipped = [], [], [], []
+    for row in table:
+        try:
+            image = decode_image(row["image"])
+            mask = None
+            if row["mask"] is not None:
+                mask = decode_mask(row["mask"], image.size)
+            images.append(image_to_tensor(image, size, tuple(job.mean), tuple(job.std)).numpy())
+            masks.append(mask_to_tensor(mask, size)[0].numpy().astype(np.uint8))
+        except Exception as exc:  # noqa: BLE001 - any unreadable row is recorded, the run goes on
+            skipped.append({**_meta(row), "skip_reason": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        kept.append({**_meta(row), "has_mask": row["mask"] is not None})
+    payload = {
+        "images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
+        "masks": np.stack(masks) if masks else np.zeros((0, size, size), np.uint8),
+        "kept": kept,
+        "skipped": skipped,
+    }
+    return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}
+
+
+def _meta(row: dict) -> dict:
+    return {"image_id": row["image_id"], "label": row["label"], "defect_type": row["defect_type"],
+            "source": row["source"]}
+
+
+def _sampled(image_id: str, fraction: float) -> bool:
+    """Deterministic per-image sample (same images whatever the shards or actors)."""
+    return int(image_id[:8], 16) / 0xFFFFFFFF < fraction
+
+
+class ScoringActor:
+    """Stage 2: scores prepared shards; caches models and banks across calls."""
+
+    def __init__(self, batch_size: int = 8, max_cached: int = 2) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        self.batch_size = int(batch_size)
+        self.max_cached = max_cached
+        self._backbones: OrderedDict = OrderedDict()
+        self._methods: OrderedDict = OrderedDict()
+        self._banks: OrderedDict = OrderedDict()
+
+    def _device(self, job: ScoringJob) -> str:
+        import torch
+
+        if job.device != "auto":
+            return job.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @staticmethod
+    def _remember(cache: OrderedDict, key, value, limit: int):
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+        return value
+
+    def _method(self, job: ScoringJob):
+        key = json.dumps([job.backbone, job.method, job.device], sort_keys=True)
+        if key in self._methods:
+            self._methods.move_to_end(key)
+            return self._methods[key]
+        from workflows.pipelines.models import load_method
+
+        method = load_method(job.backbone, job.method, self._device(job), self._backbones)
+        return self._remember(self._methods, key, method, self.max_cached)
+
+    def _bank(self, job: ScoringJob, shard: Shard, device: str):
+        name = f"{shard.dataset}/{shard.category}"
+        if name not in job.banks:
+            raise KeyError(f"job {job.job_id}: no reference bank for {name}")
+        url = job.banks[name]
+        if url in self._banks:
+            self._banks.move_to_end(url)
+            return self._banks[url]
+        from workflows.pipelines.models import load_bank_url
+
+        return self._remember(self._banks, url, load_bank_url(url, device), 4 * self.max_cached)
+
+    def __call__(self, task: dict) -> dict:
+        import torch
+
+        from residual_core.metrics import MetricAccumulator
+
+        job = ScoringJob.from_json(task["job"])
+        shard = Shard.from_dict(json.loads(task["shard"]))
+        payload = pickle.loads(task["payload"])
+        method = self._method(job)
+        bank = self._bank(job, shard, self._device(job))
+        kept = payload["kept"]
+        accumulator = MetricAccumulator(pixel=True)
+        image_scores: list[np.ndarray] = []
+        branch_scores: dict[str, list[np.ndarray]] = {}
+        maps: dict[str, np.ndarray] = {}
+        for start in range(0, len(kept), self.batch_size):
+            rows = kept[start : start + self.batch_size]
+            images = torch.from_numpy(payload["images"][start : start + len(rows)]).to(method.device)
+            out = method.score(images, bank)
+            scores = out.image_score.detach().float().cpu()
+            anomaly_maps = out.anomaly_map.detach().float()
+            image_scores.append(scores.numpy())
+            for name, value in out.branch_scores.items():
+                branch_scores.setdefault(name, []).append(value.detach().float().cpu().numpy())
+            labelled = [i for i, r in enumerate(rows) if r["label"] is not None]
+            if labelled:
+                index = torch.tensor(labelled)
+                masks = torch.from_numpy(payload["masks"][start : start + len(rows)]).bool()
+                accumulator.update(
+                    scores[index],
+                    torch.tensor([rows[i]["label"] for i in labelled]),
+                    anomaly_maps[index.to(anomaly_maps.device)].cpu(),
+                    masks[index],
+                    torch.tensor([rows[i]["has_mask"] for i in labelled]),
+                )
+            if job.save_maps != "none":
+                for i, row in enumerate(rows):
+                    if job.save_maps == "all" or _sampled(row["image_id"], job.map_sample_fraction):
+                        maps[row["image_id"]] = anomaly_maps[i].cpu().numpy().astype(np.float16)
+        results = _results_table(shard, kept, payload["skipped"], image_scores, branch_scores)
+        summary = {"images": len(kept), "skipped": len(payload["skipped"]),
+                   "skip_reasons": [s["skip_reason"] for s in payload["skipped"]][:20]}
+        ShardStore(job.job_url).commit(shard, results, accumulator.state_dict(), maps, summary)
+        return {"job_id": job.job_id, "shard_id": shard.shard_id, "dataset": shard.dataset,
+                "category": shard.category, "summary": json.dumps(summary)}
+
+
+def _results_table(shard: Shard, kept: list[dict], skipped: list[dict], image_scores, branch_scores):
+    import pyarrow as pa
+
+    scores = np.concatenate(image_scores) if image_scores else np.zeros(0, np.float32)
+    rows = kept + skipped
+    columns = {
+        "image_id": [r["image_id"] for r in rows],
+        "dataset": [shard.dataset] * len(rows),
+        "category": [shard.category] * len(rows),
+        "label": pa.array([r["label"] for r in rows], pa.int8()),
+        "defect_type": pa.array([r["defect_type"] for r in rows], pa.string()),
+        "source": [r["source"] for r in rows],
+        "image_score": pa.array(list(scores.astype(float)) + [None] * len(skipped), pa.float32()),
+        "status": ["scored"] * len(kept) + ["skipped"] * len(skipped),
+        "skip_reason": pa.array([None] * len(kept) + [r["skip_reason"] for r in skipped], pa.string()),
+        "shard_id": [shard.shard_id] * len(rows),
+    }
+    for name, parts in sorted(branch_scores.items()):
+        values = np.concatenate(parts).astype(float)
+        columns[f"score_{name}"] = pa.array(list(values) + [None] * len(skipped), pa.float32())
+    return pa.table(columns)
+
+
+def run_scoring(
+    tasks: list[tuple[ScoringJob, Shard]],
+    *,
+    batch_size: int,
+    num_actors: int,
+    num_gpus_per_actor: float,
+    actor_num_cpus: float = 1.0,
+    max_retries: int = 3,
+    prepare_fn=None,
+    actor_cls=None,
+) -> Iterator[dict]:
+    """Run the two-stage Ray Data pipeline over `tasks`; yields one small summary per shard.
+
+    `prepare_fn` / `actor_cls` (default `prepare_shard` / `ScoringActor`) let `scan` reuse the same
+    pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`."""
+    import ray
+
+    if not tasks:
+        return
+    items = [{"job": job.to_json(), "shard": json.dumps(shard.to_dict())} for job, shard in tasks]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    # bounded retries (Ray Data's default is unbounded): a failing task or actor is retried, then fails
+    prepared = dataset.map(prepare_fn or prepare_shard, num_cpus=0.5,
+                           ray_remote_args_fn=lambda: {"max_retries": max_retries})
+    scored = prepared.map(
+        actor_cls or ScoringActor,
+        fn_constructor_kwargs={"batch_size": batch_size},
+        compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
+        num_cpus=actor_num_cpus,
+        num_gpus=num_gpus_per_actor or None,
+        ray_remote_args_fn=lambda: {"max_restarts": max_retries, "max_task_retries": max_retries},
+    )
+    yield from scored.iter_rows()

@@ -1,0 +1,173 @@
+"""`train`: fit a method's learnable parts on auxiliary datasets, one Ray task per training job.
+
+As both papers' authors do, training on an auxiliary category uses its `test` split (normal and
+anomalous images with masks) plus k normal `train` references. Images without a mask carry
+`has_mask=False`, so methods use them only in the losses that need no mask; the job records what
+each dataset contributed. The checkpoint is committed under a content-addressed key and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from workflows import storage
+from workflows.config import MethodConfig, RunConfig
+from workflows.pipelines.index import categories_of, normal_train_ids, read_images
+from workflows.pipelines.models import backbone_info, content_key, probe_backbone, resolve_device
+
+LOG_NAME = "train_log.json"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    datasets: tuple[str, ...]  # auxiliary datasets
+    method: MethodConfig
+    seed: int
+
+    def __hash__(self) -> int:  # MethodConfig holds a dict: hash the JSON form
+        return hash(json.dumps(asdict(self), sort_keys=True, default=str))
+
+
+@dataclass
+class TrainResult:
+    spec: TrainSpec
+    checkpoint: str
+    losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    contributions: dict[str, dict] = field(default_factory=dict)
+    reference_ids: dict[str, list[str]] = field(default_factory=dict)
+    reused: bool = False
+
+
+def checkpoint_url(config: RunConfig, spec: TrainSpec, identity_key: str) -> str:
+    method = {k: v for k, v in asdict(spec.method).items() if k != "checkpoint"}
+    key = content_key({
+        "data": config.data.url, "datasets": sorted(spec.datasets), "categories": config.data.categories,
+        "backbone": identity_key, "method": method, "seed": spec.seed, "ref_shot": config.train.ref_shot,
+        "cap": config.train.max_images_per_category,
+    })
+    return storage.join(config.output, "checkpoints", spec.method.name, key)
+
+
+def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info) -> tuple[list, dict, dict]:
+    """CategoryTrainData for every category of the auxiliary datasets; contributions; reference ids."""
+    import torch
+
+    from residual_core.bank import select_reference_ids
+    from residual_core.images import decode_image, decode_mask, image_to_tensor, mask_to_tensor
+    from residual_core.methods import CategoryTrainData
+    from workflows.datasets.reader import read_table
+
+    data, contributions, references = [], {}, {}
+    for dataset, category in categories_of(config.data.url, list(datasets), config.data.categories):
+        ref_ids = select_reference_ids(normal_train_ids(config.data.url, dataset, category),
+                                       config.train.ref_shot, seed)
+        refs = read_images(config.data.url, dataset, category, "train", ref_ids, info)
+        table = read_table(config.data.url, columns=["image_id", "label", "image", "mask"],
+                           filters=[("dataset", "==", dataset), ("category", "==", category),
+                                    ("split", "==", "test")])
+        rows = [r for r in table.to_pylist() if r["label"] is not None]
+        cap = config.train.max_images_per_category
+        if cap is not None and len(rows) > cap:
+            keep = set(select_reference_ids([r["image_id"] for r in rows], cap, seed))
+            rows = [r for r in rows if r["image_id"] in keep]
+        rows.sort(key=lambda r: r["image_id"])
+        images, masks, labels, has_mask, skipped = [], [], [], [], 0
+        for row in rows:
+            try:
+                image = decode_image(row["image"])
+                mask = decode_mask(row["mask"], image.size) if row["mask"] is not None else None
+            except Exception:  # noqa: BLE001 - corrupt training rows are counted and left out
+                skipped += 1
+                continue
+            images.append(image_to_tensor(image, info.image_size, info.mean, info.std))
+            masks.append(mask_to_tensor(mask, info.image_size))
+            labels.append(int(row["label"]))
+            has_mask.append(mask is not None or row["label"] == 0)
+        if not images:
+            continue
+        with_masks = sum(1 for flag, label in zip(has_mask, labels, strict=True) if flag and label == 1)
+        any_mask = with_masks > 0
+        data.append(CategoryTrainData(
+            dataset=dataset, category=category, references=refs, images=torch.stack(images),
+            labels=torch.tensor(labels), masks=torch.stack(masks) if any_mask else None,
+            has_mask=torch.tensor(has_mask) if any_mask else torch.zeros(len(labels), dtype=torch.bool),
+        ))
+        entry = contributions.setdefault(dataset, {"categories": [], "images": 0, "anomalous": 0,
+                                                   "anomalous_with_mask": 0, "skipped": 0})
+        entry["categories"].append(category)
+        entry["images"] += len(labels)
+        entry["anomalous"] += sum(labels)
+        entry["anomalous_with_mask"] += with_masks
+        entry["skipped"] += skipped
+        references[f"{dataset}/{category}"] = list(ref_ids)
+    for entry in contributions.values():
+        entry["mask_losses"] = entry["anomalous_with_mask"] > 0
+        entry["used_for"] = ("all losses" if entry["mask_losses"]
+                             else "losses without masks only (image labels)")
+    return data, contributions, references
+
+
+def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
+    """Ray task body: load data, fit, save and commit the checkpoint with its log."""
+    from workflows.config import config_from_dict
+    from workflows.pipelines.artifacts import upload_dir
+    from workflows.pipelines.models import create_backbone_from_config
+
+    config = config_from_dict(config_dict)
+    device = resolve_device(config.device)
+    backbone = create_backbone_from_config(asdict(config.backbone), device).eval()
+    info = backbone_info(backbone)
+    data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info)
+    if not data:
+        raise ValueError(f"training on {spec.datasets}: no labelled test images to train on")
+    from residual_core.methods import create_method
+
+    method = create_method(spec.method.name, backbone, **spec.method.params).to(device)
+    losses: list[tuple[int, dict[str, float]]] = []
+    import torch
+
+    torch.manual_seed(spec.seed)
+    def log(step: int, values: dict) -> None:
+        losses.append((int(step), {k: float(v) for k, v in values.items()}))
+
+    method.fit(data, log)
+    record = {"losses": losses, "contributions": contributions, "reference_ids": references}
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        method.save_checkpoint(tmp)
+        storage.atomic_write_json(storage.join(url, LOG_NAME), record)
+        upload_dir(tmp, url, {"method": spec.method.name, "datasets": list(spec.datasets), "seed": spec.seed})
+    return record
+
+
+def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool = True) -> list[TrainResult]:
+    """Run (or reuse) every training job; jobs run in parallel as Ray tasks."""
+    import ray
+
+    from workflows.pipelines.index import _wait_all
+    from workflows.pipelines.ray_runtime import gpus_per_worker
+
+    info = probe_backbone(asdict(config.backbone))
+    urls = [checkpoint_url(config, spec, info.identity_key) for spec in specs]
+    todo = [(spec, url) for spec, url in zip(specs, urls, strict=True) if not storage.is_committed(url)]
+    if todo:
+        gpus = gpus_per_worker(config.train.num_gpus)
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(train_task)
+        refs = [remote.remote(config.to_dict(), spec, url) for spec, url in todo]
+        _wait_all(refs, f"train: {len(refs)} job(s)", progress)
+    fresh = {url for _, url in todo}
+    results = []
+    for spec, url in zip(specs, urls, strict=True):
+        log = storage.read_json(storage.join(url, LOG_NAME))
+        results.append(TrainResult(spec, url, [(s, v) for s, v in log["losses"]], log["contributions"],
+                                   log["reference_ids"], reused=url not in fresh))
+    return results
+
+
+def run_train(config: RunConfig, *, progress: bool = True) -> list[TrainResult]:
+    """The `train` command: config.method on config.train.datasets (default: every dataset)."""
+    datasets = config.train.datasets or config.data.datasets or sorted(
+        {d for d, _ in categories_of(config.data.url, None, None)})
+    return run_trainings(config, [TrainSpec(tuple(datasets), config.method, config.train.seed)],
+                         progress=progress)
