@@ -1,0 +1,80 @@
+"""`residual-ad scan`: score an unlabeled archive, flag suspicious images, keep where the defect is."""
+
+from __future__ import annotations
+
+from workflows.config import add_config_arguments
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "scan", help="score a large unlabeled image archive against a few normal references per category")
+    parser.add_argument("input", help="raw image prefix (local dir or s3://; <category>/<images> unless "
+                                      "--category) or a Parquet dataset")
+    parser.add_argument("--references", required=True,
+                        help="normal references: <category>/<images> folder or prefix, or a Parquet dataset")
+    parser.add_argument("--output", "-o", required=True, help="output URL (local path or s3://)")
+    parser.add_argument("--normals", help="held-out normal images (<category>/<images>) for calibration")
+    parser.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    parser.add_argument("--threshold", type=float, help="fixed score threshold for every category")
+    parser.add_argument("--category", help="every input image belongs to this category")
+    parser.add_argument("--split", default="unlabeled", help="Parquet input: split to scan")
+    parser.add_argument("--shard-size", type=int, default=64, help="images per resumable shard (default 64)")
+    parser.add_argument("--k-shot", type=int, help="references per category (default: all given)")
+    parser.add_argument("--max-pixels", type=int, help="images larger than this are skipped (bomb guard)")
+    parser.add_argument("--no-maps", action="store_true", help="do not store heat maps of flagged images")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    add_config_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _options(args):
+    from residual_core.images import DEFAULT_MAX_PIXELS
+    from workflows.pipelines.scan import ScanOptions
+
+    return ScanOptions(
+        input=args.input, output=args.output, references=args.references, normals=args.normals,
+        target_fpr=args.fpr, threshold=args.threshold, category=args.category, split=args.split,
+        shard_size=args.shard_size, k_shot=args.k_shot, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        save_maps=not args.no_maps,
+    )
+
+
+def log_summary(config, summary: dict) -> None:
+    """One MLflow run per scan: options, thresholds and counts (when tracking is enabled)."""
+    from workflows.tracking import Tracker
+
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled)
+    with tracker.run(f"scan {summary['options']['output']}", tags={"kind": "scan"}):
+        thresholds = {c: e["threshold"] for c, e in summary["calibration"]["categories"].items()}
+        tracker.params({"config": config.to_dict(), "scan": summary["options"], "thresholds": thresholds})
+        metrics = {key: summary[key] for key in ("seen", "scored", "skipped", "flagged", "flagged_fraction")}
+        metrics["throughput_images_per_s"] = summary["throughput_images_per_s"]
+        for category, counts in summary["per_category"].items():
+            metrics.update({f"{key}/{category}": value for key, value in counts.items()})
+        tracker.metrics(metrics)
+        tracker.json(summary, "scan_summary.json")
+
+
+def run(args) -> int:
+    from workflows import storage
+    from workflows.config import config_from_args
+    from workflows.pipelines.ray_runtime import init_ray
+    from workflows.pipelines.scan import run_scan
+
+    config = config_from_args(args)
+    options = _options(args)
+    try:
+        options.check()
+    except ValueError as exc:
+        print(exc)
+        return 2
+    init_ray(config.ray_address)
+    summary = run_scan(config, options, progress=not args.quiet)
+    log_summary(config, summary)
+    rate = summary["throughput_images_per_s"]
+    print(f"scanned {summary['seen']} images: {summary['scored']} scored, {summary['skipped']} skipped, "
+          f"{summary['flagged']} flagged ({summary['flagged_fraction']:.1%})"
+          + (f", {rate:.1f} images/s" if rate else "") + f" -> {storage.redact(options.output)}")
+    for category, counts in summary["per_category"].items():
+        print(f"  {category}: {counts}")
+    return 0

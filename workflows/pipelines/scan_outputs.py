@@ -1,0 +1,104 @@
+"""The on-storage layout of a scan and the reading back of its counts.
+
+Under the scan's output URL, per shard (written by the actor, commit marker last):
+  results/category=C/<shard>.parquet   scored images (score, flag, threshold, branch scores, region)
+  skipped/category=C/<shard>.parquet   images not scored, with the reason
+  maps/category=C/<shard>.parquet      heat-map PNG bytes of the flagged images
+  done/<shard>.json                    commit marker: counts of the shard and the run that scored it
+A rerun skips every shard with a marker and rewrites the others under the same names, so an image
+is never counted twice. `plan/` holds the shard plan, `calibration.json` the thresholds,
+`summary.json` the totals, `_SUCCESS` marks a finished scan.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflows import storage
+
+TABLES = ("results", "skipped", "maps")
+
+
+class ScanStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def table_url(self, table: str, category: str, shard_id: str) -> str:
+        return storage.join(self.url, table, f"category={category}", f"{shard_id}.parquet")
+
+    def done_url(self, shard_id: str) -> str:
+        return storage.join(self.url, "done", f"{shard_id}.json")
+
+    def done_ids(self) -> set[str]:
+        names = storage.list_urls(storage.join(self.url, "done"))
+        return {u.rsplit("/", 1)[-1].removesuffix(".json") for u in names if u.endswith(".json")}
+
+    def commit(self, category: str, shard_id: str, tables: dict[str, pa.Table], marker: dict) -> None:
+        """Write the shard's non-empty tables, then its commit marker (last)."""
+        for name, table in tables.items():
+            if table is not None and table.num_rows:
+                buffer = io.BytesIO()
+                pq.write_table(table, buffer, compression="zstd")
+                storage.atomic_write_bytes(self.table_url(name, category, shard_id), buffer.getvalue())
+        storage.atomic_write_json(self.done_url(shard_id), marker)
+
+    def markers(self, shard_ids: list[str] | None = None, threads: int = 16) -> list[dict]:
+        """Commit markers (small JSON) of the given or all done shards, read in parallel."""
+        ids = sorted(shard_ids if shard_ids is not None else self.done_ids())
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda sid: json.loads(storage.read_bytes(self.done_url(sid))), ids))
+
+    def read_table(self, table: str, category: str | None = None,
+                   columns: list[str] | None = None) -> pa.Table:
+        """One output table (all categories, or one) from the committed shards; for tests and small scans."""
+        done = self.done_ids()
+        base = storage.join(self.url, table) if category is None else storage.join(self.url, table,
+                                                                                    f"category={category}")
+        urls = [u for u in storage.list_urls(base, recursive=True)
+                if u.endswith(".parquet") and u.rsplit("/", 1)[-1].removesuffix(".parquet") in done]
+        parts = [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=columns) for u in sorted(urls)]
+        if not parts:
+            return pa.table({})
+        return pa.concat_tables(parts, promote_options="default")
+
+
+def summarize(markers: list[dict]) -> dict:
+    """Totals and per-category counts from commit markers; `seen == scored + skipped` by construction
+    of each marker, checked again here."""
+    per_category: dict[str, Counter] = {}
+    reasons: Counter = Counter()
+    by_run: dict[str, Counter] = {}
+    for marker in markers:
+        counts = per_category.setdefault(marker["category"], Counter())
+        for key in ("seen", "scored", "skipped", "flagged"):
+            counts[key] += int(marker[key])
+        reasons.update(marker.get("skip_reasons", {}))
+        run = by_run.setdefault(marker["run_id"], Counter())
+        run["shards"] += 1
+        run["images"] += int(marker["seen"])
+    totals = Counter()
+    for counts in per_category.values():
+        totals.update(counts)
+    totals = {key: int(totals.get(key, 0)) for key in ("seen", "scored", "skipped", "flagged")}
+    return {
+        **totals,
+        "flagged_fraction": totals["flagged"] / totals["scored"] if totals["scored"] else 0.0,
+        "reconciles": totals["seen"] == totals["scored"] + totals["skipped"],
+        "per_category": {name: {**{k: int(v) for k, v in c.items()},
+                                "flagged_fraction": c["flagged"] / c["scored"] if c["scored"] else 0.0}
+                         for name, c in sorted(per_category.items())},
+        "skip_reasons": dict(sorted(reasons.items())),
+        "shards": len(markers),
+        "by_run": {run: dict(c) for run, c in by_run.items()},
+    }
+
+
+def reason_key(reason: str) -> str:
+    """A short class of a skip reason for counting ('too large', 'empty input', ...)."""
+    return reason.split(":", 1)[0].split("(", 1)[0].strip()[:60]

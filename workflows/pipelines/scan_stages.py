@@ -1,0 +1,193 @@
+"""The two Ray Data stages of `scan`, plugged into `scoring.run_scoring` (the pipeline `evaluate` uses).
+
+1. `prepare_scan_shard` (CPU task): read a shard's images (raw objects, read concurrently, or a
+   Parquet row range), decode them with the size limit, preprocess; anything unusable becomes a
+   skipped row with its reason (never an exception).
+2. `ScanActor` (the `ScoringActor` pool, same model and bank caches): scores in batches, flags against
+   the category's threshold, finds the top region, renders heat maps of flagged images and commits
+   the shard's tables and marker. Only a small summary goes back to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from workflows.pipelines.raw_images import ScanShard, shard_keys
+from workflows.pipelines.scoring import ScoringActor, ScoringJob
+
+READ_THREADS = 8
+
+
+def _read(url: str) -> tuple[bytes | None, str | None]:
+    from workflows import storage
+
+    try:
+        return storage.read_bytes(url), None
+    except Exception as exc:  # noqa: BLE001 - an unreadable object is recorded, the scan goes on
+        return None, storage.redact(f"unreadable: {type(exc).__name__}: {exc}")[:500]
+
+
+def _source_items(shard: ScanShard) -> list[tuple[str, bytes | None, str | None, str | None]]:
+    """(source key, bytes or None, error or None, stored image_id or None) for every image of the shard."""
+    if shard.parquet is not None:
+        from workflows.pipelines.resume import Shard, read_shard
+
+        table = read_shard(Shard.from_dict(shard.parquet), columns=("image_id", "image", "source"))
+        return [(r["source"], r["image"], None, r["image_id"]) for r in table.to_pylist()]
+    from workflows import storage
+
+    keys = shard_keys(shard)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        blobs = list(pool.map(_read, [storage.join(shard.root_url, k) for k in keys]))
+    return [(key, data, error, None) for key, (data, error) in zip(keys, blobs, strict=True)]
+
+
+def prepare_scan_shard(task: dict) -> dict:
+    """Stage 1: decode and preprocess one shard; unusable images become skipped rows."""
+    from residual_core.images import ImageDecodeError, decode_image, image_to_tensor
+    from workflows.datasets.schema import content_id
+
+    job = ScoringJob.from_json(task["job"])
+    shard = ScanShard.from_dict(json.loads(task["shard"]))
+    size, max_pixels = job.image_size, int(job.extra["max_pixels"])
+    has_bank = f"{shard.dataset}/{shard.category}" in job.banks
+    images, kept, skipped = [], [], []
+    if not has_bank:  # nothing to compare with: skip without reading the images
+        reason = f"no references for category {shard.category}"
+        items = [(key, None, reason, None) for key in _keys_only(shard)]
+    else:
+        items = _source_items(shard)
+    for source, data, error, image_id in items:
+        row = {"image_id": image_id or (content_id(data) if data is not None else None), "source": source}
+        if error is not None:
+            skipped.append({**row, "reason": error})
+            continue
+        try:
+            image = decode_image(data, max_pixels=max_pixels)
+            images.append(image_to_tensor(image, size, tuple(job.mean), tuple(job.std)).numpy())
+        except ImageDecodeError as exc:
+            skipped.append({**row, "reason": exc.reason})
+            continue
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image, not a failed job
+            skipped.append({**row, "reason": f"undecodable: {type(exc).__name__}: {exc}"[:500]})
+            continue
+        kept.append({**row, "width": image.size[0], "height": image.size[1]})
+    payload = {"images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
+               "kept": kept, "skipped": skipped}
+    return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}
+
+
+def _keys_only(shard: ScanShard) -> list[str]:
+    if shard.parquet is None:
+        return shard_keys(shard)
+    from workflows.pipelines.resume import Shard, read_shard
+
+    return read_shard(Shard.from_dict(shard.parquet), columns=("source",)).column("source").to_pylist()
+
+
+class ScanActor(ScoringActor):
+    """Stage 2: the evaluate scoring actor (same caches), with scan's flags, regions and outputs."""
+
+    def __call__(self, task: dict) -> dict:
+        import torch
+
+        from workflows.pipelines.regions import heatmap_png, top_region
+        from workflows.pipelines.scan_outputs import ScanStore, reason_key
+
+        job = ScoringJob.from_json(task["job"])
+        shard = ScanShard.from_dict(json.loads(task["shard"]))
+        payload = pickle.loads(task["payload"])
+        kept, skipped = payload["kept"], payload["skipped"]
+        threshold = job.extra["thresholds"].get(shard.category)
+        level, save_maps = float(job.extra["region_level"]), bool(job.extra["save_maps"])
+        scores, branches, regions, flags, maps = [], {}, [], [], []
+        if kept:
+            method = self._method(job)
+            bank = self._bank(job, shard, self._device(job))
+            for start in range(0, len(kept), self.batch_size):
+                rows = kept[start : start + self.batch_size]
+                images = torch.from_numpy(payload["images"][start : start + len(rows)]).to(method.device)
+                out = method.score(images, bank)
+                batch_scores = out.image_score.detach().float().cpu().numpy()
+                anomaly_maps = out.anomaly_map.detach().float().cpu().numpy()
+                scores.append(batch_scores)
+                for name, value in out.branch_scores.items():
+                    branches.setdefault(name, []).append(value.detach().float().cpu().numpy())
+                for i, row in enumerate(rows):
+                    regions.append(top_region(anomaly_maps[i], (row["width"], row["height"]), level=level))
+                    flagged = threshold is not None and float(batch_scores[i]) > threshold
+                    flags.append(flagged)
+                    if flagged and save_maps:
+                        maps.append({"image_id": row["image_id"], "source": row["source"],
+                                     "heatmap_png": heatmap_png(anomaly_maps[i])})
+        tables = {
+            "results": _results(shard, kept, scores, branches, regions, flags, threshold),
+            "skipped": _skipped(shard, skipped),
+            "maps": _maps(shard, maps),
+        }
+        marker = {"shard_id": shard.shard_id, "category": shard.category, "dataset": shard.dataset,
+                  "seen": len(kept) + len(skipped), "scored": len(kept), "skipped": len(skipped),
+                  "flagged": int(sum(flags)), "run_id": job.extra["run_id"],
+                  "skip_reasons": dict(_count(reason_key(s["reason"]) for s in skipped))}
+        ScanStore(job.job_url).commit(shard.category, shard.shard_id, tables, marker)
+        return {"shard_id": shard.shard_id, "seen": marker["seen"], "flagged": marker["flagged"]}
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value] = out.get(value, 0) + 1
+    return out
+
+
+def _results(shard: ScanShard, kept, scores, branches, regions, flags, threshold):
+    import pyarrow as pa
+
+    values = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    columns = {
+        "image_id": pa.array([r["image_id"] for r in kept], pa.string()),
+        "source": pa.array([r["source"] for r in kept], pa.string()),
+        "dataset": pa.array([shard.dataset] * len(kept), pa.string()),
+        "category": pa.array([shard.category] * len(kept), pa.string()),
+        "score": pa.array(values, pa.float32()),
+        "flag": pa.array(flags, pa.bool_()),
+        "threshold": pa.array([threshold] * len(kept), pa.float32()),
+    }
+    for name, parts in sorted(branches.items()):
+        columns[f"score_{name}"] = pa.array(np.concatenate(parts), pa.float32())
+    for field in ("x0", "y0", "x1", "y1"):
+        columns[f"bbox_{field}"] = pa.array([getattr(r, field) for r in regions], pa.int32())
+    columns["area_fraction"] = pa.array([r.area_fraction for r in regions], pa.float32())
+    columns["width"] = pa.array([r["width"] for r in kept], pa.int32())
+    columns["height"] = pa.array([r["height"] for r in kept], pa.int32())
+    columns["shard_id"] = pa.array([shard.shard_id] * len(kept), pa.string())
+    return pa.table(columns)
+
+
+def _skipped(shard: ScanShard, skipped: list[dict]):
+    import pyarrow as pa
+
+    return pa.table({
+        "image_id": pa.array([s["image_id"] for s in skipped], pa.string()),
+        "source": pa.array([s["source"] for s in skipped], pa.string()),
+        "dataset": pa.array([shard.dataset] * len(skipped), pa.string()),
+        "category": pa.array([shard.category] * len(skipped), pa.string()),
+        "reason": pa.array([s["reason"] for s in skipped], pa.string()),
+        "shard_id": pa.array([shard.shard_id] * len(skipped), pa.string()),
+    })
+
+
+def _maps(shard: ScanShard, maps: list[dict]):
+    import pyarrow as pa
+
+    return pa.table({
+        "image_id": pa.array([m["image_id"] for m in maps], pa.string()),
+        "source": pa.array([m["source"] for m in maps], pa.string()),
+        "category": pa.array([shard.category] * len(maps), pa.string()),
+        "heatmap_png": pa.array([m["heatmap_png"] for m in maps], pa.binary()),
+        "shard_id": pa.array([shard.shard_id] * len(maps), pa.string()),
+    })
