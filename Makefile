@@ -18,6 +18,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m workflows.demo
 
+# the demo against the local stack (infra/local): outputs on the S3 server, MLflow server, Ray head
+demo-s3: $(STAMP)
+	$(BIN)/python -m infra.local.stack run --state-dir .stack -- \
+		$(BIN)/python -m workflows.demo --set output=s3://residual-ad/demo/runs
+
 lint: $(STAMP)
 	$(BIN)/ruff check residual_core workflows tests benchmarks infra
 
@@ -25,4 +30,4 @@ test: lint
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .demo mlruns mlflow.db
+	rm -rf $(VENV) .demo .stack mlruns mlflow.db

@@ -54,6 +54,15 @@ def _wait_http(url: str, process: subprocess.Popen, timeout_s: float, what: str,
             time.sleep(0.3)
 
 
+def _parent_death_signal() -> None:
+    """In the child before exec (Linux): get SIGTERM when the parent dies, so a killed test run
+    leaves no server behind. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and its live descendants (psutil), for leftover checks."""
     import psutil
@@ -96,12 +105,13 @@ def stop_group(process: subprocess.Popen | None, pgid: int | None, known: list[i
         if not alive(known):
             break
         time.sleep(0.2)
-    for pid in alive(known):
+    stragglers = alive(known)
+    for pid in stragglers:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    if pgid is not None:
+    if pgid is not None and stragglers:  # children started after our last look, still in the group
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
@@ -123,6 +133,8 @@ class Service:
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     pid: int | None = field(default=None, init=False)
     pids: list[int] = field(default_factory=list, init=False)  # descendants seen while running
+    # end the service if this process dies without stopping it (tests); False for `stack up` (detached)
+    die_with_parent: bool = field(default=True, kw_only=True)
 
     name = "service"
 
@@ -133,6 +145,7 @@ class Service:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
                 env={**os.environ, **(env or {})}, start_new_session=True,
+                preexec_fn=_parent_death_signal if self.die_with_parent else None,
             )
         finally:
             log.close()

@@ -36,6 +36,7 @@ class LocalStack:
     with_mlflow: bool = True
     with_ray: bool = True
     ray_num_cpus: int = 2
+    detached: bool = False  # True: the services outlive this process (`up`); else they die with it
     s3: S3Service | None = field(default=None, init=False)
     mlflow: MlflowService | None = field(default=None, init=False)
     ray: RayHead | None = field(default=None, init=False)
@@ -44,13 +45,14 @@ class LocalStack:
         self.state_dir = Path(self.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.s3 = S3Service(self.state_dir).start()
+            keep = {"die_with_parent": not self.detached}
+            self.s3 = S3Service(self.state_dir, **keep).start()
             self.s3.create_bucket(self.bucket)
             if self.with_mlflow:
                 self.mlflow = MlflowService(self.state_dir, artifacts_destination=f"s3://{self.bucket}/mlflow",
-                                            s3_env=self.s3.env()).start()
+                                            s3_env=self.s3.env(), **keep).start()
             if self.with_ray:
-                self.ray = RayHead(self.state_dir, num_cpus=self.ray_num_cpus).start()
+                self.ray = RayHead(self.state_dir, num_cpus=self.ray_num_cpus, **keep).start()
         except Exception:
             self.stop()
             raise
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "run" and not command:
         parser.error("run: give a command after --")
     stack = LocalStack(state_dir, bucket=args.bucket, with_mlflow=not args.no_mlflow,
-                       with_ray=not args.no_ray, ray_num_cpus=args.ray_cpus)
+                       with_ray=not args.no_ray, ray_num_cpus=args.ray_cpus, detached=args.action == "up")
     started = time.monotonic()
     stack.start()
     print(f"stack up in {time.monotonic() - started:.1f}s (logs in {state_dir})", file=sys.stderr)

@@ -1,0 +1,143 @@
+"""`residual-ad log-results RUN_URL`: log results already on storage to MLflow, later.
+
+When the tracking server is down at the end of a run, the results are still committed on storage;
+this command logs them once it is back, from the stored files only (nothing is recomputed):
+- an evaluation job (`metrics.json` + `_SUCCESS`): one run with params, metrics, per-image results;
+- a scan output (`summary.json` + `_SUCCESS`): the scan run;
+- a lodo run folder (`summary.csv`): a parent run with the config and the summary table;
+- an output root: every committed evaluation job under `evaluate/` and every lodo folder under `lodo/`.
+A run logged this way is tagged `logged_from=<url>`; logging the same URL again is skipped.
+"""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("log-results", help="log results stored on object storage to MLflow later")
+    parser.add_argument("url", metavar="RUN_URL",
+                        help="an evaluation job, a scan output, a lodo run folder, or a run's output root")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the stored config's)")
+    parser.add_argument("--force", action="store_true", help="log again even if already logged")
+    parser.set_defaults(run=run)
+
+
+def _kind(url: str) -> str | None:
+    from workflows import storage
+
+    if storage.is_committed(url) and storage.exists(storage.join(url, "metrics.json")):
+        return "evaluate"
+    if storage.is_committed(url) and storage.exists(storage.join(url, "summary.json")):
+        return "scan"
+    if storage.exists(storage.join(url, "summary.csv")):
+        return "lodo"
+    return None
+
+
+def _config(url: str):
+    from workflows import storage
+    from workflows.config import RunConfig, load_config
+
+    path = storage.join(url, "config.yaml")
+    return load_config(path) if storage.exists(path) else RunConfig()
+
+
+def _already_logged(tracker, url: str) -> bool:
+    from workflows.storage import redact
+
+    found = tracker.mlflow.search_runs(filter_string=f"tags.logged_from = '{redact(url)}'", max_results=1,
+                                       output_format="list")
+    return bool(found)
+
+
+def log_evaluation(tracker, url: str) -> None:
+    from workflows import storage
+    from workflows.pipelines.evaluate import METRIC_NAMES
+    from workflows.tracking import eval_metrics, log_results_table
+
+    saved = storage.read_json(storage.join(url, "metrics.json"))
+    spec = saved.get("spec", {})
+    name = f"eval {'+'.join(spec.get('datasets', []))} {spec.get('method', {}).get('name', '?')} " \
+           f"k={spec.get('k_shot')} seed={spec.get('seed')}"
+    with tracker.run(name, tags={"kind": "evaluate", "logged_from": storage.redact(url)}):
+        tracker.params({"config": _config(url).to_dict(), "spec": spec, "results_url": url,
+                        "reference_ids": saved.get("reference_ids", {})})
+        tracker.metrics(eval_metrics(saved["per_category"], saved["per_dataset"], METRIC_NAMES))
+        counts = saved.get("counts", {})
+        tracker.metrics({"images": counts.get("images"), "skipped_images": counts.get("skipped")})
+        tracker.json(saved, "metrics.json")
+        log_results_table(tracker, url)
+
+
+def log_lodo(tracker, url: str) -> None:
+    from workflows import storage
+
+    with tracker.run(f"lodo {url.rstrip('/').rsplit('/', 1)[-1]}",
+                     tags={"kind": "lodo", "logged_from": storage.redact(url)}):
+        tracker.params({"config": _config(url).to_dict(), "results_url": url})
+        for name in ("summary.csv", "summary.md"):
+            target = storage.join(url, name)
+            if storage.exists(target):
+                tracker.text(storage.read_bytes(target).decode(), name)
+
+
+def log_scan(tracker, url: str, config) -> None:
+    """The same run `scan` logs (see `workflows.commands.scan.log_summary`), tagged with its URL."""
+    from workflows import storage
+
+    summary = storage.read_json(storage.join(url, "summary.json"))
+    with tracker.run(f"scan {summary['options']['output']}",
+                     tags={"kind": "scan", "logged_from": storage.redact(url)}):
+        thresholds = {c: e["threshold"] for c, e in summary["calibration"]["categories"].items()}
+        tracker.params({"config": config.to_dict(), "scan": summary["options"], "thresholds": thresholds})
+        metrics = {key: summary[key] for key in ("seen", "scored", "skipped", "flagged", "flagged_fraction")}
+        metrics["throughput_images_per_s"] = summary["throughput_images_per_s"]
+        for category, counts in summary["per_category"].items():
+            metrics.update({f"{key}/{category}": value for key, value in counts.items()})
+        tracker.metrics(metrics)
+        tracker.json(summary, "scan_summary.json")
+
+
+def targets(url: str) -> list[tuple[str, str]]:
+    """(kind, url) of everything loggable at `url` (itself, or the jobs and runs under an output root)."""
+    from workflows import storage
+
+    kind = _kind(url)
+    if kind:
+        return [(kind, url)]
+    found = []
+    for sub in ("evaluate", "lodo"):
+        base = storage.join(url, sub)
+        if not storage.exists(base):
+            continue
+        for child in sorted(storage.list_urls(base)):
+            child_kind = _kind(child)
+            if child_kind:
+                found.append((child_kind, child))
+    return found
+
+
+def run(args) -> int:
+    from workflows import storage
+    from workflows.tracking import Tracker
+
+    found = targets(args.url)
+    if not found:
+        print(f"log-results: nothing committed to log at {storage.redact(args.url)}")
+        return 2
+    logged = 0
+    for kind, url in found:
+        config = _config(url)
+        tracker = Tracker(args.experiment or config.tracking.experiment, True)
+        if not args.force and _already_logged(tracker, url):
+            print(f"already logged: {storage.redact(url)}")
+            continue
+        if kind == "evaluate":
+            log_evaluation(tracker, url)
+        elif kind == "lodo":
+            log_lodo(tracker, url)
+        else:
+            log_scan(tracker, url, config)
+        logged += 1
+        print(f"logged {kind}: {storage.redact(url)}")
+    print(f"log-results: {logged} run(s) logged to MLflow")
+    return 0
