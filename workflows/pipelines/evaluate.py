@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from residual_core.metrics import IMAGE_METRICS, pixel_metric_names  # noqa: E402
+from residual_core.metrics import IMAGE_METRICS, pixel_metric_names, summarize_dataset  # noqa: E402
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig, save_config
 from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
@@ -190,16 +190,11 @@ def _clean(computed: dict) -> dict:
 
 def dataset_means(per_category: dict[str, dict]) -> dict[str, dict[str, float | None]]:
     """Per dataset: mean of each metric over the categories where it is defined (None if nowhere)."""
-    grouped: dict[str, list[dict]] = {}
+    grouped: dict[str, dict[str, dict]] = {}
     for name, metrics in per_category.items():
-        grouped.setdefault(name.split("/", 1)[0], []).append(metrics)
-    out = {}
-    for dataset, rows in grouped.items():
-        out[dataset] = {}
-        for metric in METRIC_NAMES:
-            values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
-            out[dataset][metric] = sum(values) / len(values) if values else None
-    return out
+        grouped.setdefault(name.split("/", 1)[0], {})[name] = metrics
+    return {dataset: {m: summarize_dataset(rows).get(m) for m in METRIC_NAMES}
+            for dataset, rows in grouped.items()}
 
 
 def run_evaluate(config: RunConfig, *, progress: bool = True) -> list[EvalResult]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 from collections.abc import Iterable
 
+from residual_core.metrics import summarize_runs
 from workflows.pipelines.evaluate import METRIC_NAMES, EvalResult
 
 
 def summary_rows(results: Iterable[EvalResult]) -> list[dict]:
-    """One row per (dataset, method, k): `<metric>_mean`/`<metric>_std` over seeds (None if undefined)."""
+    """One row per (dataset, method, k): `<metric>_mean`/`<metric>_std` over seeds.
+
+    None where undefined: a metric missing in some seed, or the std of a single seed.
+    """
     grouped: dict[tuple[str, str, int], list[dict]] = {}
     for result in results:
         for dataset, metrics in result.per_dataset.items():
@@ -20,10 +23,10 @@ def summary_rows(results: Iterable[EvalResult]) -> list[dict]:
     rows = []
     for (dataset, method, k), runs in sorted(grouped.items()):
         row: dict = {"dataset": dataset, "method": method, "k": k, "seeds": len(runs)}
+        over_seeds = summarize_runs([{m: r.get(m) for m in METRIC_NAMES} for r in runs])
         for metric in METRIC_NAMES:
-            values = [r[metric] for r in runs if r.get(metric) is not None]
-            row[f"{metric}_mean"] = statistics.fmean(values) if values else None
-            row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else (0.0 if values else None)
+            row[f"{metric}_mean"] = over_seeds["mean"].get(metric)
+            row[f"{metric}_std"] = over_seeds["std"].get(metric)
         rows.append(row)
     return rows
 
@@ -40,14 +43,17 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    """Metrics in percent as `mean ± std`; `n/a` where a metric is not defined (e.g. pixel metrics
-    of a dataset without masks)."""
+    """Metrics in percent as `mean ± std` (`mean` alone for one seed); `n/a` where a metric is not
+    defined (e.g. pixel metrics of a dataset without masks)."""
     header = ["dataset", "method", "k", "seeds", *METRIC_NAMES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["dataset"], row["method"], str(row["k"]), str(row["seeds"])]
         for metric in METRIC_NAMES:
             mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-            cells.append("n/a" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}")
+            if mean is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -65,7 +65,8 @@ def test_lodo_on_s3_logs_the_mlflow_layout(s3_ray, s3_data, mlflow_server, capsy
     label_eval = next(r for r in evals if r.data.tags["holdout"] == "labels")
     assert "labels/I-AUROC" in label_eval.data.metrics and "labels/P-AUROC" not in label_eval.data.metrics
     assert "textures/baseline/k1/I-AUROC_mean" in parent.data.metrics
-    assert "textures/baseline/k1/I-AUROC_std" in parent.data.metrics
+    # one seed: the standard deviation over seeds is not defined, so it is not logged as 0
+    assert "textures/baseline/k1/I-AUROC_std" not in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md"} <= artifacts
     assert "results.parquet" in {a.path for a in client.list_artifacts(some_eval.info.run_id)}
