@@ -81,20 +81,12 @@ def log_lodo(tracker, url: str) -> None:
 
 
 def log_scan(tracker, url: str, config) -> None:
-    """The same run `scan` logs (see `workflows.commands.scan.log_summary`), tagged with its URL."""
+    """The same run `scan` logs, tagged with its URL."""
     from workflows import storage
+    from workflows.commands.scan import log_summary
 
     summary = storage.read_json(storage.join(url, "summary.json"))
-    with tracker.run(f"scan {summary['options']['output']}",
-                     tags={"kind": "scan", "logged_from": storage.redact(url)}):
-        thresholds = {c: e["threshold"] for c, e in summary["calibration"]["categories"].items()}
-        tracker.params({"config": config.to_dict(), "scan": summary["options"], "thresholds": thresholds})
-        metrics = {key: summary[key] for key in ("seen", "scored", "skipped", "flagged", "flagged_fraction")}
-        metrics["throughput_images_per_s"] = summary["throughput_images_per_s"]
-        for category, counts in summary["per_category"].items():
-            metrics.update({f"{key}/{category}": value for key, value in counts.items()})
-        tracker.metrics(metrics)
-        tracker.json(summary, "scan_summary.json")
+    log_summary(tracker, config, summary, tags={"logged_from": storage.redact(url)})
 
 
 def targets(url: str) -> list[tuple[str, str]]:

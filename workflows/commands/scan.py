@@ -39,12 +39,9 @@ def _options(args):
     )
 
 
-def log_summary(config, summary: dict) -> None:
-    """One MLflow run per scan: options, thresholds and counts (when tracking is enabled)."""
-    from workflows.tracking import Tracker
-
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled)
-    with tracker.run(f"scan {summary['options']['output']}", tags={"kind": "scan"}):
+def log_summary(tracker, config, summary: dict, tags: dict | None = None) -> None:
+    """One MLflow run per scan: options, thresholds and counts (`log-results` logs the same run)."""
+    with tracker.run(f"scan {summary['options']['output']}", tags={"kind": "scan", **(tags or {})}):
         thresholds = {c: e["threshold"] for c, e in summary["calibration"]["categories"].items()}
         tracker.params({"config": config.to_dict(), "scan": summary["options"], "thresholds": thresholds})
         metrics = {key: summary[key] for key in ("seen", "scored", "skipped", "flagged", "flagged_fraction")}
@@ -70,7 +67,9 @@ def run(args) -> int:
         return 2
     init_ray(config.ray_address)
     summary = run_scan(config, options, progress=not args.quiet)
-    log_summary(config, summary)
+    from workflows.tracking import Tracker
+
+    log_summary(Tracker(config.tracking.experiment, config.tracking.enabled), config, summary)
     rate = summary["throughput_images_per_s"]
     print(f"scanned {summary['seen']} images: {summary['scored']} scored, {summary['skipped']} skipped, "
           f"{summary['flagged']} flagged ({summary['flagged_fraction']:.1%})"
