@@ -207,7 +207,19 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     for text in overrides or []:
         key, value = parse_override(text)
         _set_path(base, key, value)
-    return _from_dict(RunConfig, base)
+    return _with_absolute_urls(_from_dict(RunConfig, base))
+
+
+def _with_absolute_urls(config: RunConfig) -> RunConfig:
+    """Local paths made absolute on the driver, so every Ray worker reads and writes the same place."""
+    from workflows.storage import absolute
+
+    config.output = absolute(config.output)
+    config.data.url = absolute(config.data.url)
+    for method in (config.method, *config.lodo.methods):
+        if method.checkpoint:
+            method.checkpoint = absolute(method.checkpoint)
+    return config
 
 
 def config_from_dict(data: dict) -> RunConfig:

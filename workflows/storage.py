@@ -179,6 +179,15 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(url))
 
 
+def absolute(url: str) -> str:
+    """The same location as a URL that means the same from any process: local paths become absolute
+    (Ray workers on another node or in another working directory resolve it alike); S3 URLs are kept."""
+    url = str(url)
+    if is_s3(url) or "://" in url and not url.startswith("file://"):
+        return url
+    return resolve(url)[1]
+
+
 def join(url: str, *parts: str) -> str:
     """Join URL path segments with '/' (works for local paths and s3://)."""
     out = str(url).rstrip("/")

@@ -37,3 +37,17 @@ def test_bad_overrides_are_named(override, message):
 def test_override_values_are_yaml():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("method.checkpoint=null") == ("method.checkpoint", None)
+
+
+def test_local_paths_become_absolute_so_every_ray_worker_sees_the_same_place(tmp_path, monkeypatch):
+    from workflows.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.url=bench", "output=runs", "method.checkpoint=ckpt",
+                                "lodo.methods=[{name: resadpp, checkpoint: other}]"])
+    assert config.data.url == str(tmp_path / "bench")
+    assert config.output == str(tmp_path / "runs")
+    assert config.method.checkpoint == str(tmp_path / "ckpt")
+    assert config.lodo.methods[0].checkpoint == str(tmp_path / "other")
+    s3 = load_config(None, ["data.url=s3://bucket/bench", "output=file:///abs/runs"])
+    assert s3.data.url == "s3://bucket/bench" and s3.output == "/abs/runs"

@@ -30,9 +30,11 @@ def add_parser(subparsers) -> None:
 def _options(args):
     from residual_core.images import DEFAULT_MAX_PIXELS
     from workflows.pipelines.scan import ScanOptions
+    from workflows.storage import absolute
 
     return ScanOptions(
-        input=args.input, output=args.output, references=args.references, normals=args.normals,
+        input=absolute(args.input), output=absolute(args.output), references=absolute(args.references),
+        normals=absolute(args.normals) if args.normals else None,
         target_fpr=args.fpr, threshold=args.threshold, category=args.category, split=args.split,
         shard_size=args.shard_size, k_shot=args.k_shot, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         save_maps=not args.no_maps,
