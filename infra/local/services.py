@@ -281,6 +281,8 @@ class RayHead(Service):
     num_cpus: int = 2
     object_store_bytes: int = 200 * 1024 * 1024
     port: int = 0
+    # environment of the node's workers, as a cluster node gets from its deployment (S3, MLflow)
+    node_env: dict[str, str] = field(default_factory=dict)
 
     name = "ray"
 
@@ -312,8 +314,8 @@ class RayHead(Service):
             token.write_text(secrets.token_hex(32))
             token.chmod(0o600)
         # no drain phase on SIGTERM: a local head has no traffic to quiesce, stop is immediate
-        self._spawn(argv, {"RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                           **self.env(with_address=False)})
+        self._spawn(argv, {**self.node_env, "RAY_USAGE_STATS_ENABLED": "0",
+                           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **self.env(with_address=False)})
         deadline = time.monotonic() + timeout_s
         while not (self._gcs_up() and "Ray runtime started" in self.log_path.read_text(errors="replace")):
             if self.process.poll() is not None or time.monotonic() > deadline:

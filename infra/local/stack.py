@@ -52,7 +52,9 @@ class LocalStack:
                 self.mlflow = MlflowService(self.state_dir, artifacts_destination=f"s3://{self.bucket}/mlflow",
                                             s3_env=self.s3.env(), **keep).start()
             if self.with_ray:
-                self.ray = RayHead(self.state_dir, num_cpus=self.ray_num_cpus, **keep).start()
+                node_env = {**self.s3.env(), **(self.mlflow.env() if self.mlflow else {})}
+                self.ray = RayHead(self.state_dir, num_cpus=self.ray_num_cpus, node_env=node_env,
+                                   **keep).start()
         except Exception:
             self.stop()
             raise
