@@ -31,8 +31,10 @@ def _data(root: str, images: int) -> str:
     return url
 
 
-def _bare_forward(config, batch_size: int, device: str, repeats: int) -> tuple[float, int]:
-    """Images/s of the backbone alone on the same (preprocessed, in-memory) test images."""
+def _bare_forward(config, batch_size: int, device: str, repeats: int,
+                  threads: int | None = None, with_method: bool = False) -> tuple[float, int]:
+    """Images/s of the backbone alone on the same (preprocessed, in-memory) test images; with
+    `with_method`, of the whole `method.score` (forward + matching + maps) against one bank."""
     import torch
 
     from residual_core.images import decode_image, image_to_tensor
@@ -45,19 +47,40 @@ def _bare_forward(config, batch_size: int, device: str, repeats: int) -> tuple[f
     table = read_table(config.data.url, columns=["image"], filters=[("split", "==", "test")])
     images = torch.stack([image_to_tensor(decode_image(b), info.image_size, info.mean, info.std)
                           for b in table.column("image").to_pylist()]).to(device)
+    step = backbone.forward_features
+    if with_method:
+        step = _method_step(config, backbone, device)
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     best = float("inf")
     with torch.no_grad():
-        backbone.forward_features(images[:batch_size])  # warm-up
+        step(images[:batch_size])  # warm-up
         for _ in range(repeats):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for i in range(0, len(images), batch_size):
-                backbone.forward_features(images[i:i + batch_size])
+                step(images[i:i + batch_size])
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(saved_threads)
     return len(images) / best, len(images)
+
+
+def _method_step(config, backbone, device: str):
+    """`method.score` of the configured method against the first committed bank (all categories'
+    banks are the same size, so one stands for all)."""
+    import glob
+
+    from residual_core.bank import load_bank
+    from residual_core.methods import create_method
+
+    header = sorted(glob.glob(f"{config.output}/indexes/**/header.json", recursive=True))[0]
+    bank = load_bank(os.path.dirname(header))
+    method = create_method(config.method.name, backbone, **config.method.params).to(device).eval()
+    return lambda batch: method.score(batch, bank)
 
 
 def _pipeline(config, actors: int) -> float:
@@ -107,6 +130,11 @@ def main() -> None:
         print(f"device={device} images={count} batch={args.batch_size} size={args.image_size}px "
               f"shard={args.shard_size} cpus={args.cpus or os.cpu_count()}")
         print(f"bare backbone forward      : {bare:8.1f} images/s")
+        one_thread, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1)
+        method_rate, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1,
+                                       with_method=True)
+        print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
+        print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
         for actors in (1, 2):
             rate = _pipeline(config, actors)
             share = 100 * rate / bare
