@@ -34,6 +34,23 @@ class CategoryTrainData:
     masks: Tensor | None  # [N, 1, S, S] in {0, 1}; None when the dataset has no masks
     has_mask: Tensor  # [N] bool: which images carry a pixel mask
 
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.category}"
+
+    def check_shapes(self, method: str) -> None:
+        """Clear errors, naming the method and the category, for tensors that do not fit together."""
+        n = self.images.shape[0]
+        if self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise MethodError(f"{method} training data {self.name}: images must be [N, 3, S, S]")
+        if self.references.ndim != 4:
+            raise MethodError(f"{method} training data {self.name}: references must be [K, 3, S, S]")
+        if tuple(self.labels.shape) != (n,) or tuple(self.has_mask.shape) != (n,):
+            raise MethodError(f"{method} training data {self.name}: labels and has_mask must be [{n}]")
+        if self.masks is not None and tuple(self.masks.shape) != (n, 1, *self.images.shape[-2:]):
+            raise MethodError(f"{method} training data {self.name}: masks {tuple(self.masks.shape)} "
+                              f"must be [{n}, 1, S, S]")
+
 
 class MethodError(ValueError):
     """A method was asked for something it cannot do (e.g. a branch the backbone lacks)."""

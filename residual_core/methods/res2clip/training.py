@@ -53,16 +53,9 @@ def check_train_data(data: Sequence[CategoryTrainData]) -> None:
     if not data:
         raise MethodError("res2clip: fit() needs at least one auxiliary category")
     for item in data:
-        name = f"{item.dataset}/{item.category}"
-        n = item.images.shape[0]
-        if item.images.ndim != 4 or item.images.shape[1] != 3:
-            raise MethodError(f"res2clip training data {name}: images must be [N, 3, S, S]")
-        if item.labels.shape != (n,) or item.has_mask.shape != (n,):
-            raise MethodError(f"res2clip training data {name}: labels and has_mask must be [{n}]")
-        if item.masks is not None and item.masks.shape != (n, 1, *item.images.shape[-2:]):
-            raise MethodError(f"res2clip training data {name}: masks must be [{n}, 1, S, S]")
-        if n > 0 and item.references.shape[0] + int((item.labels == 0).sum()) == 0:
-            raise MethodError(f"res2clip training data {name}: no normal image to pair queries with")
+        item.check_shapes("res2clip")
+        if item.images.shape[0] > 0 and item.references.shape[0] + int((item.labels == 0).sum()) == 0:
+            raise MethodError(f"res2clip training data {item.name}: no normal image to pair queries with")
 
 
 class PairSampler:

@@ -222,11 +222,6 @@ def _check_train_data(data: Sequence[CategoryTrainData]) -> None:
     if not data:
         raise MethodError("resadpp: fit needs at least one training category")
     for cat in data:
-        name = f"{cat.dataset}/{cat.category}"
-        n = cat.images.shape[0]
-        if cat.images.ndim != 4 or cat.references.ndim != 4 or cat.references.shape[0] == 0:
-            raise MethodError(f"resadpp: {name}: need images [N,3,S,S] and at least one reference [K,3,S,S]")
-        if cat.labels.shape[0] != n or cat.has_mask.shape[0] != n:
-            raise MethodError(f"resadpp: {name}: labels/has_mask length differs from {n} images")
-        if cat.masks is not None and tuple(cat.masks.shape) != (n, 1, *cat.images.shape[-2:]):
-            raise MethodError(f"resadpp: {name}: masks {tuple(cat.masks.shape)} do not match images")
+        cat.check_shapes("resadpp")
+        if cat.references.shape[0] == 0:
+            raise MethodError(f"resadpp: {cat.name}: needs at least one reference [K,3,S,S]")
