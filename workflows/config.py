@@ -69,6 +69,7 @@ class EvaluateConfig:
     num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     save_maps: str = "none"  # none | sample | all
     map_sample_fraction: float = 0.1  # with save_maps=sample: deterministic fraction of images
+    map_dtype: str = "float16"  # saved maps: float16 (a quarter of float32's bytes) or float32 (exact)
     max_retries: int = 3  # actor restarts / task retries
     stop_after_shards: int | None = None  # test hook: stop after committing this many shards
 

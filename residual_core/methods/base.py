@@ -73,6 +73,15 @@ class AnomalyMethod(nn.Module):
     def score(self, images: Tensor, bank) -> ScoreOutput:  # bank: residual_core.bank.ReferenceBank
         raise NotImplementedError
 
+    def set_normaliser(self):
+        """None, or a `set_normalisation.SetNormaliser` when the method's maps need statistics of the
+        whole evaluated set (then pipelines score with `score_raw` and finish per category)."""
+        return None
+
+    def score_raw(self, images: Tensor, bank) -> dict[str, Tensor]:
+        """Per-image intermediate arrays for `set_normaliser().finish` (methods that have one)."""
+        raise MethodError(f"method {self.name!r} has no set normalisation (score_raw)")
+
     def fit(self, data: Sequence[CategoryTrainData], log: LogFn | None = None) -> None:
         if self.trainable:
             raise NotImplementedError

@@ -96,7 +96,8 @@ def build_bench(dest_url: str, config: BenchConfig = BenchConfig(), *,
                 progress(f"{build.dataset}/{build.category}: {len(build.samples)} images")
 
     report = write_dataset(rows(), dest_url,
-                           extra_metadata=dataset_metadata(datasets, seed=config.seed, scale=config.scale))
+                           extra_metadata=dataset_metadata(datasets, seed=config.seed, scale=config.scale),
+                           pixel_ground_truth=lambda dataset, _category: datasets[dataset]["pixel_masks"])
     if report.duplicates:
         raise RuntimeError(f"bench generator produced duplicate images: {report.duplicates[:3]}")
     manifest_url = storage.join(dest_url, MANIFEST_PATH)

@@ -94,3 +94,13 @@ def list_partitions(url: str) -> list[tuple[str, str, str]]:
 def read_manifest(url: str) -> dict[str, Any]:
     """The dataset manifest (counts per partition, schema version, extra sections)."""
     return require_manifest(url)
+
+
+def pixel_ground_truth(url: str, split: str = "test") -> dict[tuple[str, str], bool]:
+    """(dataset, category) -> whether that partition of `split` has pixel ground truth.
+
+    Read from the manifest's per-partition `pixel_ground_truth` (written since the field exists);
+    an older manifest falls back to "the partition has at least one mask"."""
+    manifest = require_manifest(url)
+    return {(p["dataset"], p["category"]): bool(p.get("pixel_ground_truth", p.get("masks", 0) > 0))
+            for p in manifest["partitions"] if p["split"] == split}

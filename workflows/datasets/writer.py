@@ -57,6 +57,9 @@ class PartitionWrite:
     bytes: int
     labels: dict[str, int]
     masks: int
+    # whether the partition's images have pixel ground truth (normal images then count as all-zero
+    # masks in pixel metrics); declared by ingest/build-bench, else inferred as `masks > 0`
+    pixel_ground_truth: bool = False
 
 
 @dataclass
@@ -168,9 +171,10 @@ class _PartitionSink:
             self.writer.close()
             self.writer = None
 
-    def summary(self) -> PartitionWrite:
+    def summary(self, pixel_ground_truth: bool | None = None) -> PartitionWrite:
+        declared = self.masks > 0 if pixel_ground_truth is None else bool(pixel_ground_truth)
         return PartitionWrite(*self.key, rows=self.rows, files=list(self.files), bytes=self.total_bytes,
-                              labels=dict(self.labels), masks=self.masks)
+                              labels=dict(self.labels), masks=self.masks, pixel_ground_truth=declared)
 
 
 def write_dataset(
@@ -180,6 +184,7 @@ def write_dataset(
     extra_metadata: dict | Callable[[], dict] | None = None,
     replace_partitions: Iterable[PartitionKey] = (),
     config: WriteConfig = WriteConfig(),
+    pixel_ground_truth: Callable[[str, str], bool | None] | None = None,
 ) -> WriteReport:
     """Write ``rows`` (dicts with the schema columns; ``image_id`` optional) under ``dest_url``.
 
@@ -188,7 +193,9 @@ def write_dataset(
     row arrives for them. Rows with an ``image_id`` already written to the same partition in this
     call are dropped and listed in ``WriteReport.duplicates``. ``extra_metadata`` sections are
     merged into the manifest's ``extra`` object (top-level keys replaced); a callable is evaluated
-    after the last row, so it can report on what was consumed."""
+    after the last row, so it can report on what was consumed. ``pixel_ground_truth(dataset, category)``
+    declares whether a partition has pixel ground truth (None or no callable: inferred as "has at
+    least one mask"); it is recorded per partition in the manifest."""
     previous = load_manifest(dest_url)
     write_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     sinks: dict[PartitionKey, _PartitionSink] = {}
@@ -212,7 +219,8 @@ def write_dataset(
         for sink in sinks.values():
             sink.close()
     # all files are closed (committed); now the manifest switch makes them visible
-    written = [sinks[key].summary() for key in sorted(sinks)]
+    declare = pixel_ground_truth or (lambda dataset, category: None)
+    written = [sinks[key].summary(declare(key[0], key[1])) for key in sorted(sinks)]
     replaced = set(sinks) | {tuple(k) for k in replace_partitions}
     extra = extra_metadata() if callable(extra_metadata) else extra_metadata
     manifest = _merge_manifest(previous, written, replaced, write_id, extra)

@@ -18,6 +18,13 @@ from workflows.ingest.quarantine import Problem
 from workflows.ingest.source import SourceEscapeError, SourceTree
 
 LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "folder")
+# layouts whose datasets come with pixel ground truth for every anomaly; `folder` has it where masks exist
+PIXEL_MASK_LAYOUTS = ("mvtec", "mpdd", "btad", "visa")
+
+
+def pixel_ground_truth_of(layout: str) -> bool | None:
+    """Whether a layout's test images have pixel ground truth (None: infer from the masks found)."""
+    return True if layout in PIXEL_MASK_LAYOUTS else None
 ESCAPES = "symlink escapes the source tree"
 
 

@@ -15,7 +15,7 @@ from residual_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_ma
 from workflows import storage
 from workflows.datasets.schema import check_partition_value, content_id
 from workflows.datasets.writer import WriteReport, load_manifest, write_dataset
-from workflows.ingest.layouts import LayoutScan, SourceItem, scan_source
+from workflows.ingest.layouts import LayoutScan, SourceItem, pixel_ground_truth_of, scan_source
 from workflows.ingest.quarantine import Problem, QuarantineReport, write_report
 from workflows.ingest.source import SourceEscapeError, SourceTree
 
@@ -167,6 +167,7 @@ def ingest(source_url: str, dest_url: str, options: IngestOptions) -> IngestResu
     try:
         write = write_dataset(
             _rows(tree, scan, report, options, dataset), dest_url, replace_partitions=stale,
+            pixel_ground_truth=lambda _dataset, _category: pixel_ground_truth_of(options.layout),
             extra_metadata=lambda: {f"ingest:{dataset}": {
                 "layout": options.layout, "seen": report.seen, "written": report.written,
                 "quarantined": len(report.quarantined), "kept_with_warnings": len(report.warnings),

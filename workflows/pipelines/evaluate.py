@@ -16,12 +16,19 @@ from tqdm import tqdm
 from residual_core.metrics import IMAGE_METRICS, pixel_metric_names, summarize_dataset  # noqa: E402
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig, save_config
+from workflows.datasets.reader import pixel_ground_truth
 from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
 from workflows.pipelines.models import content_key, probe_backbone
 from workflows.pipelines.resume import Shard, ShardStore, plan_shards
 from workflows.pipelines.scoring import ScoringJob, run_scoring
+from workflows.pipelines.set_reduce import pending_reduces, run_reduces
 
 METRIC_NAMES = (*IMAGE_METRICS, *pixel_metric_names(0.3))
+# Version of the evaluation protocol, part of every job key so that results of an older protocol are
+# never reused: 2 = normal images count with all-zero masks in pixel metrics where the dataset has
+# pixel ground truth (MVTec AD protocol); ResAD++ maps finished per category (authors' normalisation).
+EVAL_PROTOCOL = 2
+NO_PIXEL_TRUTH = "no pixel ground truth: the dataset manifest declares none for this category"
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,8 @@ def job_url_for(config: RunConfig, spec: EvalSpec, identity_key: str) -> str:
     key = content_key({
         "data": config.data.url, "datasets": list(spec.datasets), "categories": config.data.categories,
         "backbone": identity_key, "method": asdict(spec.method), "k": spec.k_shot, "seed": spec.seed,
-        "shard_size": config.evaluate.shard_size, "maps": [config.evaluate.save_maps,
-                                                           config.evaluate.map_sample_fraction],
+        "shard_size": config.evaluate.shard_size, "protocol": EVAL_PROTOCOL,
+        "maps": [config.evaluate.save_maps, config.evaluate.map_sample_fraction, config.evaluate.map_dtype],
     })
     return storage.join(config.output, "evaluate", key)
 
@@ -86,6 +93,7 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
         per_spec_pairs[spec] = pairs
         all_requests += [BankRequest(d, c, spec.k_shot, spec.seed) for d, c in pairs]
     plans = ensure_banks(config, all_requests, progress=progress)
+    pixel_gt = {f"{d}/{c}": flag for (d, c), flag in pixel_ground_truth(config.data.url).items()}
     for spec in specs:
         job_url = job_url_for(config, spec, info.identity_key)
         banks = {f"{d}/{c}": plans[BankRequest(d, c, spec.k_shot, spec.seed)].url
@@ -94,6 +102,7 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
             job_id=job_url.rsplit("/", 1)[-1], job_url=job_url, backbone=backbone_cfg,
             method=asdict(spec.method), banks=banks, device=config.device, image_size=info.image_size,
             mean=info.mean, std=info.std, save_maps=ev.save_maps, map_sample_fraction=ev.map_sample_fraction,
+            map_dtype=ev.map_dtype, pixel_gt={name: pixel_gt.get(name, False) for name in banks},
         )
         shards = [] if storage.is_committed(job_url) else plan_shards(
             config.data.url, split="test", shard_size=ev.shard_size, datasets=list(spec.datasets),
@@ -116,6 +125,7 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
             pass
     if ev.stop_after_shards is not None:
         return [_partial(spec, job) for spec, job, _ in jobs]
+    run_reduces([(job, shards) for _, job, shards in jobs], max_retries=ev.max_retries, progress=progress)
     results = []
     for spec, job, shards in jobs:
         refs = {name: list(plans[BankRequest(*name.split("/"), spec.k_shot, spec.seed)].image_ids)
@@ -152,6 +162,10 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
     missing = [s.shard_id for s in shards if s.shard_id not in done]
     if missing:
         raise RuntimeError(f"{spec.label()}: {len(missing)} shard(s) did not complete (e.g. {missing[0]})")
+    unreduced = pending_reduces(job, shards)
+    if unreduced:
+        raise RuntimeError(f"{spec.label()}: {len(unreduced)} categories were not reduced "
+                           f"(e.g. {unreduced[0][0]}/{unreduced[0][1]})")
     accumulators: dict[str, MetricAccumulator] = {}
     counts = {"images": 0, "skipped": 0, "shards": len(shards)}
     for shard in shards:
@@ -161,7 +175,8 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
         name = f"{shard.dataset}/{shard.category}"
         state = MetricAccumulator.from_state_dict(store.state(shard.shard_id))
         accumulators[name] = state if name not in accumulators else _merged(accumulators[name], state)
-    per_category = {name: _clean(acc.compute()) for name, acc in sorted(accumulators.items())}
+    per_category = {name: _without_pixel_truth(_clean(acc.compute())) if not job.pixel_gt.get(name) else
+                    _clean(acc.compute()) for name, acc in sorted(accumulators.items())}
     per_dataset = dataset_means(per_category)
     payload = {"per_category": per_category, "per_dataset": per_dataset, "counts": counts,
                "reference_ids": refs, "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"]}
@@ -169,6 +184,13 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
     save_config(config, storage.join(job.job_url, "config.yaml"))
     storage.mark_success(job.job_url, {"metrics": "metrics.json"})
     return EvalResult(spec, job.job_url, per_category, per_dataset, counts, refs, resumed_shards=resumed)
+
+
+def _without_pixel_truth(metrics: dict) -> dict:
+    """Pixel metrics of a category without pixel ground truth: undefined, and the reason says why."""
+    names = pixel_metric_names(0.3)
+    reasons = {**metrics.get("not_defined", {}), **dict.fromkeys(names, NO_PIXEL_TRUTH)}
+    return {**metrics, **dict.fromkeys(names), "not_defined": reasons}
 
 
 def _merged(left, right):

@@ -109,7 +109,8 @@ def read_shard(shard: Shard, columns: tuple[str, ...] = SHARD_COLUMNS) -> pa.Tab
 
 
 class ShardStore:
-    """Outputs of one evaluation job under `job_url`: results/, states/, maps/, done/ per shard."""
+    """Outputs of one evaluation job under `job_url`: results/, states/, maps/, done/ per shard, and
+    for set-normalised methods raw/ per shard and reduced/ per category."""
 
     def __init__(self, job_url: str) -> None:
         self.job_url = job_url
@@ -124,20 +125,42 @@ class ShardStore:
     def is_done(self, shard_id: str) -> bool:
         return storage.exists(self._url("done", shard_id, ".json"))
 
-    def commit(self, shard: Shard, results: pa.Table, state: dict, maps: dict | None, summary: dict) -> None:
-        """Write results, state and maps, then the commit marker (last)."""
+    def commit(self, shard: Shard, results: pa.Table, state: dict, maps: dict | None, summary: dict,
+               raw: dict | None = None) -> None:
+        """Write results, state, maps and raw outputs, then the commit marker (last)."""
         sid = shard.shard_id
+        self.write_outputs(sid, results, state, maps)
+        if raw is not None:
+            self._write_npz(self._url("raw", sid, ".npz"), raw)
+        storage.atomic_write_json(self._url("done", sid, ".json"), {"shard": shard.to_dict(), **summary})
+
+    def write_outputs(self, shard_id: str, results: pa.Table, state: dict, maps: dict | None) -> None:
+        """Per-image results, metric state and maps of a shard (each written atomically)."""
         buffer = io.BytesIO()
         pq.write_table(results, buffer, compression="zstd")
-        storage.atomic_write_bytes(self._url("results", sid, ".parquet"), buffer.getvalue())
-        storage.atomic_write_bytes(self._url("states", sid, ".pkl"), pickle.dumps(state))
+        storage.atomic_write_bytes(self._url("results", shard_id, ".parquet"), buffer.getvalue())
+        storage.atomic_write_bytes(self._url("states", shard_id, ".pkl"), pickle.dumps(state))
         if maps:
-            import numpy as np
+            self._write_npz(self._url("maps", shard_id, ".npz"), maps)
 
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, **maps)
-            storage.atomic_write_bytes(self._url("maps", sid, ".npz"), buffer.getvalue())
-        storage.atomic_write_json(self._url("done", sid, ".json"), {"shard": shard.to_dict(), **summary})
+    @staticmethod
+    def _write_npz(url: str, arrays: dict) -> None:
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        storage.atomic_write_bytes(url, buffer.getvalue())
+
+    def raw(self, shard_id: str) -> dict:
+        """The raw outputs (`scoring.pack_raw`) of a shard scored for a set-normalised method."""
+        import numpy as np
+
+        with np.load(io.BytesIO(storage.read_bytes(self._url("raw", shard_id, ".npz")))) as data:
+            return {key: data[key] for key in data.files}
+
+    def reduced_url(self, dataset: str, category: str) -> str:
+        """Commit marker of a category's reduce step (set-normalised methods)."""
+        return storage.join(self.job_url, "reduced", f"{dataset}={category}.json")
 
     def summary(self, shard_id: str) -> dict:
         return json.loads(storage.read_bytes(self._url("done", shard_id, ".json")))

@@ -37,6 +37,10 @@ class ScoringJob:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     save_maps: str = "none"  # none | sample | all
     map_sample_fraction: float = 0.1
+    map_dtype: str = "float16"  # saved maps: float16 (small) or float32 (exact)
+    # "dataset/category" -> whether its test images have pixel ground truth (dataset manifest); where
+    # they have, normal images count with all-zero masks in every pixel metric (the MVTec AD protocol)
+    pixel_gt: dict[str, bool] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -55,6 +59,7 @@ def prepare_shard(task: dict) -> dict:
     shard = Shard.from_dict(json.loads(task["shard"]))
     table = read_shard(shard).to_pylist()
     size = job.image_size
+    pixel_gt = job.pixel_gt.get(f"{shard.dataset}/{shard.category}", False)
     images, masks, kept, skipped = [], [], [], []
     for row in table:
         try:
@@ -67,7 +72,7 @@ def prepare_shard(task: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - any unreadable row is recorded, the run goes on
             skipped.append({**_meta(row), "skip_reason": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-        kept.append({**_meta(row), "has_mask": row["mask"] is not None})
+        kept.append({**_meta(row), "has_mask": has_pixel_truth(row, pixel_gt)})
     payload = {
         "images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
         "masks": np.stack(masks) if masks else np.zeros((0, size, size), np.uint8),
@@ -75,6 +80,13 @@ def prepare_shard(task: dict) -> dict:
         "skipped": skipped,
     }
     return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}
+
+
+def has_pixel_truth(row: dict, pixel_gt: bool) -> bool:
+    """Whether a row counts in the pixel metrics: in a dataset with pixel ground truth, its anomalous
+    images with a mask and its normal images (all-zero mask); an anomalous image without a mask
+    counts for the image metrics only."""
+    return pixel_gt and (row["mask"] is not None or row["label"] == 0)
 
 
 def _meta(row: dict) -> dict:
@@ -140,54 +152,109 @@ class ScoringActor:
     def __call__(self, task: dict) -> dict:
         import torch
 
-        from residual_core.metrics import MetricAccumulator
-
         job = ScoringJob.from_json(task["job"])
         shard = Shard.from_dict(json.loads(task["shard"]))
         payload = pickle.loads(task["payload"])
         method = self._method(job)
         bank = self._bank(job, shard, self._device(job))
         kept = payload["kept"]
-        accumulator = MetricAccumulator(pixel=True)
-        image_scores: list[np.ndarray] = []
-        branch_scores: dict[str, list[np.ndarray]] = {}
-        maps: dict[str, np.ndarray] = {}
+        normaliser = method.set_normaliser()
+        outputs = ShardOutputs(job, kept)
+        raw_parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(kept), self.batch_size):
-            rows = kept[start : start + self.batch_size]
-            images = torch.from_numpy(payload["images"][start : start + len(rows)]).to(method.device)
-            out = method.score(images, bank)
-            scores = out.image_score.detach().float().cpu()
-            anomaly_maps = out.anomaly_map.detach().float()
-            image_scores.append(scores.numpy())
-            for name, value in out.branch_scores.items():
-                branch_scores.setdefault(name, []).append(value.detach().float().cpu().numpy())
-            labelled = [i for i, r in enumerate(rows) if r["label"] is not None]
-            if labelled:
-                index = torch.tensor(labelled)
-                masks = torch.from_numpy(payload["masks"][start : start + len(rows)]).bool()
-                accumulator.update(
-                    scores[index],
-                    torch.tensor([rows[i]["label"] for i in labelled]),
-                    anomaly_maps[index.to(anomaly_maps.device)].cpu(),
-                    masks[index],
-                    torch.tensor([rows[i]["has_mask"] for i in labelled]),
-                )
-            if job.save_maps != "none":
-                for i, row in enumerate(rows):
-                    if job.save_maps == "all" or _sampled(row["image_id"], job.map_sample_fraction):
-                        maps[row["image_id"]] = anomaly_maps[i].cpu().numpy().astype(np.float16)
-        results = _results_table(shard, kept, payload["skipped"], image_scores, branch_scores)
+            stop = min(start + self.batch_size, len(kept))
+            images = torch.from_numpy(payload["images"][start:stop]).to(method.device)
+            if normaliser is None:
+                outputs.add(start, method.score(images, bank), payload["masks"][start:stop])
+                continue
+            for name, value in method.score_raw(images, bank).items():  # finished per category later
+                raw_parts.setdefault(name, []).append(value.detach().float().cpu().numpy())
         summary = {"images": len(kept), "skipped": len(payload["skipped"]),
                    "skip_reasons": [s["skip_reason"] for s in payload["skipped"]][:20]}
-        ShardStore(job.job_url).commit(shard, results, accumulator.state_dict(), maps, summary)
+        raw = None
+        if normaliser is not None:
+            summary["normaliser"] = normaliser.to_dict()
+            raw = pack_raw({k: np.concatenate(v) for k, v in raw_parts.items()}, payload["masks"], kept,
+                           payload["skipped"])
+        outputs.commit(ShardStore(job.job_url), shard, payload["skipped"], summary, raw)
         return {"job_id": job.job_id, "shard_id": shard.shard_id, "dataset": shard.dataset,
                 "category": shard.category, "summary": json.dumps(summary)}
+
+
+class ShardOutputs:
+    """One shard's products, batch by batch: metric accumulator, per-image and per-branch scores and
+    maps. The scoring actor fills it from `method.score`, the per-category reduce of set-normalised
+    methods from `normaliser.finish`; both commit it the same way."""
+
+    def __init__(self, job: ScoringJob, kept: list[dict]) -> None:
+        from residual_core.metrics import MetricAccumulator
+
+        self.job, self.kept = job, kept
+        self.accumulator = MetricAccumulator(pixel=True)
+        self.image_scores: list[np.ndarray] = []
+        self.branch_scores: dict[str, list[np.ndarray]] = {}
+        self.maps: dict[str, np.ndarray] = {}
+
+    def add(self, start: int, out, masks: np.ndarray) -> None:
+        """The ScoreOutput of kept rows [start, start + B) with their masks [B, S, S] (uint8/bool)."""
+        import torch
+
+        rows = self.kept[start:start + len(out.image_score)]
+        scores = out.image_score.detach().float().cpu()
+        anomaly_maps = out.anomaly_map.detach().float()
+        self.image_scores.append(scores.numpy())
+        for name, value in out.branch_scores.items():
+            self.branch_scores.setdefault(name, []).append(value.detach().float().cpu().numpy())
+        labelled = [i for i, r in enumerate(rows) if r["label"] is not None]
+        if labelled:
+            index = torch.tensor(labelled)
+            self.accumulator.update(
+                scores[index],
+                torch.tensor([rows[i]["label"] for i in labelled]),
+                anomaly_maps[index.to(anomaly_maps.device)].cpu(),
+                torch.from_numpy(np.asarray(masks[: len(rows)])).bool()[index],
+                torch.tensor([rows[i]["has_mask"] for i in labelled]),
+            )
+        if self.job.save_maps != "none":
+            for i, row in enumerate(rows):
+                if self.job.save_maps == "all" or _sampled(row["image_id"], self.job.map_sample_fraction):
+                    self.maps[row["image_id"]] = anomaly_maps[i].cpu().numpy().astype(self.job.map_dtype)
+
+    def commit(self, store: ShardStore, shard: Shard, skipped: list[dict], summary: dict,
+               raw: dict[str, np.ndarray] | None = None) -> None:
+        """The actor's commit: outputs, raw outputs when given, then the shard's marker."""
+        results = _results_table(shard, self.kept, skipped, self.image_scores, self.branch_scores)
+        store.commit(shard, results, self.accumulator.state_dict(), self.maps, summary, raw)
+
+    def rewrite(self, store: ShardStore, shard: Shard, skipped: list[dict]) -> None:
+        """The reduce step's write: a committed shard's results, state and maps, finished."""
+        results = _results_table(shard, self.kept, skipped, self.image_scores, self.branch_scores)
+        store.write_outputs(shard.shard_id, results, self.accumulator.state_dict(), self.maps)
+
+
+def pack_raw(arrays: dict[str, np.ndarray], masks: np.ndarray, kept: list[dict], skipped: list[dict]
+             ) -> dict[str, np.ndarray]:
+    """A shard's raw outputs as one npz-ready dict: `raw.<name>` arrays, bit-packed masks and the rows."""
+    packed = {f"raw.{name}": value for name, value in arrays.items()}
+    packed["masks"] = np.packbits(np.asarray(masks, dtype=bool), axis=-1)
+    packed["mask_width"] = np.asarray(np.shape(masks)[-1])
+    packed["rows"] = np.frombuffer(json.dumps({"kept": kept, "skipped": skipped}).encode(), np.uint8)
+    return packed
+
+
+def unpack_raw(packed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, list, list]:
+    """(raw arrays by name, masks [N, S, S] uint8, kept rows, skipped rows) of `pack_raw`'s output."""
+    arrays = {key[4:]: value for key, value in packed.items() if key.startswith("raw.")}
+    width = int(packed["mask_width"])
+    masks = np.unpackbits(packed["masks"], axis=-1, count=width)
+    rows = json.loads(bytes(packed["rows"]).decode())
+    return arrays, masks, rows["kept"], rows["skipped"]
 
 
 def _results_table(shard: Shard, kept: list[dict], skipped: list[dict], image_scores, branch_scores):
     import pyarrow as pa
 
-    scores = np.concatenate(image_scores) if image_scores else np.zeros(0, np.float32)
+    scores = np.concatenate(image_scores) if image_scores else [None] * len(kept)  # None: not yet finished
     rows = kept + skipped
     columns = {
         "image_id": [r["image_id"] for r in rows],
@@ -196,7 +263,8 @@ def _results_table(shard: Shard, kept: list[dict], skipped: list[dict], image_sc
         "label": pa.array([r["label"] for r in rows], pa.int8()),
         "defect_type": pa.array([r["defect_type"] for r in rows], pa.string()),
         "source": [r["source"] for r in rows],
-        "image_score": pa.array(list(scores.astype(float)) + [None] * len(skipped), pa.float32()),
+        "image_score": pa.array([None if v is None else float(v) for v in scores] + [None] * len(skipped),
+                                pa.float32()),
         "status": ["scored"] * len(kept) + ["skipped"] * len(skipped),
         "skip_reason": pa.array([None] * len(kept) + [r["skip_reason"] for r in skipped], pa.string()),
         "shard_id": [shard.shard_id] * len(rows),

@@ -15,6 +15,9 @@ from residual_core.methods.base import MethodError
 CONSTRAINTORS = ("conv", "mlp_se")
 FLOW_OBJECTIVES = ("logsigmoid", "combined")
 MASK_DOWNSAMPLING = ("nearest", "bilinear")
+# "test_set": validate.py (per-level maximum over the evaluated set); "training": offsets fixed after
+# training, batch-independent (what `method.score` and `scan` use)
+SCORE_NORMALISATIONS = ("test_set", "training")
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,13 @@ class ResADppConfig:
     seed: int = 42  # init_seeds(42)
     # scoring (validate.py)
     smoothing_sigma: float = 4.0
+    score_normalisation: str = "test_set"  # how evaluate normalises (SCORE_NORMALISATIONS)
 
     def __post_init__(self) -> None:
         _check_choice("constraintor", self.constraintor, CONSTRAINTORS)
         _check_choice("flow_objective", self.flow_objective, FLOW_OBJECTIVES)
         _check_choice("mask_downsampling", self.mask_downsampling, MASK_DOWNSAMPLING)
+        _check_choice("score_normalisation", self.score_normalisation, SCORE_NORMALISATIONS)
         if self.pos_embed_dim % 4 != 0:
             raise MethodError(f"pos_embed_dim must be a multiple of 4, got {self.pos_embed_dim}")
         for name in ("epochs", "batch_size", "position_batch", "coupling_layers", "num_embeddings",

@@ -17,11 +17,10 @@ from residual_core.methods.resadpp.constraintor import MultiLevelConstraintor
 from residual_core.methods.resadpp.flow import position_rows
 from residual_core.methods.resadpp.losses import gaussian_logp
 from residual_core.methods.resadpp.residuals import grouped_residual_maps, residual_maps, token_maps
-from residual_core.methods.resadpp.scoring import boundary_anomaly_map, image_scores, likelihood_anomaly_map
+from residual_core.methods.resadpp.scoring import TestSetNormaliser, merged_output, raw_batch
 from residual_core.methods.resadpp.training import UNKNOWN, ResADppTrainer, TrainBatch, build_flows
 from residual_core.methods.resadpp.vq import MultiLevelVQ, match_feature_distribution
-
-BRANCHES = ("likelihood", "boundary")  # validate.py scores1 (log-likelihood) and scores2 (BScores)
+from residual_core.methods.set_normalisation import RawBatch
 
 
 class ResADpp(AnomalyMethod):
@@ -78,7 +77,8 @@ class ResADpp(AnomalyMethod):
         return method
 
     # ----- scoring ---------------------------------------------------------------------------------
-    def score(self, images: Tensor, bank) -> ScoreOutput:
+    def score_raw(self, images: Tensor, bank) -> RawBatch:
+        """Per-level flow outputs at feature resolution: normal log-likelihoods and anomaly probabilities."""
         references = self._bank_references(bank)
         cfg = self.config
         for module in (self.vq, self.constraintor, self.flows):
@@ -94,16 +94,22 @@ class ResADpp(AnomalyMethod):
                 logp_n, logp_a = self._flow_logps(level, e)
                 logp_maps.append(logp_n)
                 prob_maps.append(torch.softmax(torch.stack([logp_n, logp_a], dim=-1), dim=-1)[..., 1])
-            size = images.shape[-1]
-            likelihood = likelihood_anomaly_map(logp_maps, self.logp_offsets, size, cfg.smoothing_sigma)
-            boundary = boundary_anomaly_map(prob_maps, size, cfg.smoothing_sigma)
-            merged = (likelihood + boundary) / 2
-        return ScoreOutput(
-            anomaly_map=merged.float(),
-            image_score=image_scores(merged).float(),
-            branch_scores={"likelihood": image_scores(likelihood), "boundary": image_scores(boundary)},
-            branches=BRANCHES,
-        )
+        return raw_batch(logp_maps, prob_maps)
+
+    def score(self, images: Tensor, bank) -> ScoreOutput:
+        """Batch-independent scores: log-likelihoods normalised by the offsets fixed after training.
+
+        The authors' whole-set normalisation is `set_normaliser()` (what `evaluate` uses by default)."""
+        raw = self.score_raw(images, bank)
+        levels = range(len(self.channels))
+        return merged_output([raw[f"logp_{i}"] for i in levels], [raw[f"prob_{i}"] for i in levels],
+                             self.logp_offsets, images.shape[-1], self.config.smoothing_sigma)
+
+    def set_normaliser(self) -> TestSetNormaliser | None:
+        if self.config.score_normalisation != "test_set":
+            return None
+        size = int(self.backbone.image_size)
+        return TestSetNormaliser(len(self.channels), size, self.config.smoothing_sigma)
 
     def _flow_logps(self, level: int, features: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position (normal, abnormal) log-likelihoods [B, H, W], in position_batch chunks."""

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 MIRROR = Path("/work/.mirror/hito2448+Res2CLIP/repo")
+RESAD_MIRROR = Path("/work/.mirror/xcyao00+ResAD/repo")
 
 
-def authors_source(path: str) -> str:
-    if not MIRROR.exists():
-        pytest.skip(f"the authors' mirror {MIRROR} is not on this machine")
+def authors_source(path: str, mirror: Path = MIRROR) -> str:
+    if not mirror.exists():
+        pytest.skip(f"the authors' mirror {mirror} is not on this machine")
     result = subprocess.run(
-        ["git", "-C", str(MIRROR), "show", f"HEAD:{path}"], capture_output=True, text=True
+        ["git", "-C", str(mirror), "show", f"HEAD:{path}"], capture_output=True, text=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot read {path} from the authors' mirror: {result.stderr.strip()}")
@@ -44,9 +45,9 @@ def authors_module(path: str, tmp_dir: Path) -> types.ModuleType:
     return module
 
 
-def authors_definitions(path: str, names: set[str], namespace: dict) -> dict:
+def authors_definitions(path: str, names: set[str], namespace: dict, mirror: Path = MIRROR) -> dict:
     """Compile only the top-level definitions `names` of their file into `namespace`."""
-    tree = ast.parse(authors_source(path))
+    tree = ast.parse(authors_source(path, mirror))
     keep = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in names:

@@ -1,0 +1,165 @@
+"""The field's evaluation protocol through the evaluate pipeline.
+
+- Pixel metrics count every test image of a category with pixel ground truth (normal images as all-zero
+  masks); recomputed here with scikit-learn and an exact AUPRO from the saved float32 maps.
+- ResAD++'s default normalisation (per-level maximum over the evaluated set) is finished per category
+  after scoring; its per-image scores equal the in-memory computation over the whole set.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tests.residual_core.metrics.references import exact_aupro, sklearn_metrics  # noqa: E402
+from tests.workflows.pipelines.tiny_data import TINY_LAYOUT, tiny_rows  # noqa: E402
+from workflows import storage  # noqa: E402
+from workflows.config import load_config  # noqa: E402
+from workflows.datasets.reader import pixel_ground_truth, read_table  # noqa: E402
+from workflows.datasets.writer import write_dataset  # noqa: E402
+from workflows.pipelines.evaluate import NO_PIXEL_TRUTH, run_evaluate  # noqa: E402
+from workflows.pipelines.resume import ShardStore  # noqa: E402
+
+BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
+        "data.datasets=[textures,labels]"]
+# a small untrained ResAD++ (the normalisation, not the training, is under test)
+RESADPP = ('method={"name": "resadpp", "params": {"num_embeddings": 16, "coupling_layers": 2, '
+           '"pos_embed_dim": 16}}')
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a stray cluster
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_url(tmp_path_factory):
+    """The tiny dataset, plus one anomalous textures/brick image without its mask."""
+    rows = tiny_rows()
+    unmasked = next(r for r in rows if r["category"] == "brick" and r["split"] == "test" and r["label"] == 1)
+    unmasked["mask"] = None
+    url = str(tmp_path_factory.mktemp("protocol") / "data")
+    write_dataset(rows, url, extra_metadata={"source_groups": {d: s[0] for d, s in TINY_LAYOUT.items()}})
+    return url
+
+
+def _config(tmp_path, data, name, *extra):
+    return load_config(None, [*BASE, f"data.url={data}", f"output={tmp_path / name}", *extra])
+
+
+def _test_rows(data_url: str, dataset: str, category: str) -> dict[str, dict]:
+    table = read_table(data_url, columns=["image_id", "label", "image", "mask"],
+                       filters=[("dataset", "==", dataset), ("category", "==", category),
+                                ("split", "==", "test")])
+    return {r["image_id"]: r for r in table.to_pylist()}
+
+
+def _mask(row: dict, size: int) -> np.ndarray:
+    from residual_core.images import decode_image, decode_mask, mask_to_tensor
+
+    mask = decode_mask(row["mask"], decode_image(row["image"]).size) if row["mask"] is not None else None
+    return mask_to_tensor(mask, size)[0].numpy() > 0.5
+
+
+def _maps(job_url: str) -> dict[str, np.ndarray]:
+    store = ShardStore(job_url)
+    maps = {}
+    for url in storage.list_urls(storage.join(job_url, "maps")):
+        with np.load(io.BytesIO(storage.read_bytes(url))) as data:
+            maps.update({key: data[key] for key in data.files})
+    assert store.done_ids()
+    return maps
+
+
+def test_manifest_records_pixel_ground_truth(data_url):
+    flags = pixel_ground_truth(data_url)
+    assert flags[("textures", "brick")] and flags[("photos", "coffee")]
+    assert flags[("labels", "camera")] is False
+
+
+def test_pixel_metrics_count_normal_images_as_zero_masks(local_ray, data_url, tmp_path):
+    (result,) = run_evaluate(_config(tmp_path, data_url, "baseline", "evaluate.shard_size=4",
+                                     "evaluate.save_maps=all", "evaluate.map_dtype=float32"), progress=False)
+    maps = _maps(result.job_url)
+    scores = {r["image_id"]: r["image_score"] for r in ShardStore(result.job_url).read_results().to_pylist()}
+    for category in ("brick", "grass"):
+        rows = _test_rows(data_url, "textures", category)
+        ids = sorted(rows)
+        labels = np.array([rows[i]["label"] for i in ids])
+        # pixel protocol: normal images (zero masks) and anomalous images with a mask; not the unmasked one
+        pixel_ids = [i for i in ids if rows[i]["label"] == 0 or rows[i]["mask"] is not None]
+        stack = np.stack([maps[i] for i in pixel_ids]).astype(np.float32)
+        masks = np.stack([_mask(rows[i], stack.shape[-1]) for i in pixel_ids])
+        metrics = result.per_category[f"textures/{category}"]
+        p_auroc, p_ap, p_f1 = sklearn_metrics(masks, stack)
+        i_auroc, i_ap, i_f1 = sklearn_metrics(labels, np.array([scores[i] for i in ids], np.float32))
+        expected = {"P-AUROC": p_auroc, "P-AP": p_ap, "P-F1max": p_f1, "AUPRO@0.3": exact_aupro(stack, masks),
+                    "I-AUROC": i_auroc, "I-AP": i_ap, "I-F1max": i_f1}
+        for name, value in expected.items():
+            assert metrics[name] == pytest.approx(value, abs=1e-6), (category, name)
+        normal_count = int((labels == 0).sum())
+        assert metrics["counts"]["images_without_mask"] == (1 if category == "brick" else 0)
+        assert metrics["counts"]["pixels"] == len(pixel_ids) * stack.shape[-1] ** 2
+        assert normal_count > 0 and len(pixel_ids) == len(ids) - (1 if category == "brick" else 0)
+    camera = result.per_category["labels/camera"]
+    assert camera["P-AUROC"] is None and camera["not_defined"]["P-AUROC"] == NO_PIXEL_TRUTH
+    assert camera["I-AUROC"] is not None
+
+
+def test_resadpp_set_normalisation_is_finished_per_category(local_ray, data_url, tmp_path):
+    """Scores through shards of 2 images and batches of 3 equal the authors' whole-set normalisation
+    computed in memory on the same inputs; an interrupted run resumes to the same results."""
+    import torch
+
+    from residual_core.images import decode_image, image_to_tensor
+    from workflows.pipelines.models import load_bank_url, load_method
+    from workflows.pipelines.scoring import ScoringJob
+
+    interrupted = _config(tmp_path, data_url, "resadpp", RESADPP, "evaluate.shard_size=2",
+                          "evaluate.batch_size=3", "evaluate.stop_after_shards=2")
+    run_evaluate(interrupted, progress=False)
+    (result,) = run_evaluate(_config(tmp_path, data_url, "resadpp", RESADPP, "evaluate.shard_size=2",
+                                     "evaluate.batch_size=3"), progress=False)
+    assert result.completed and result.resumed_shards == 2
+    assert storage.list_urls(storage.join(result.job_url, "reduced"))
+    pipeline = {r["image_id"]: r for r in ShardStore(result.job_url).read_results().to_pylist()}
+
+    config = _config(tmp_path, data_url, "resadpp", RESADPP)
+    job = ScoringJob.from_json(_job_json(config, result))
+    method = load_method(job.backbone, job.method, "cpu")
+    normaliser = method.set_normaliser()
+    for name, bank_url in job.banks.items():
+        dataset, category = name.split("/")
+        rows = _test_rows(data_url, dataset, category)
+        ids = sorted(i for i in rows if pipeline.get(i, {}).get("status") == "scored")
+        images = torch.stack([image_to_tensor(decode_image(rows[i]["image"]), job.image_size, job.mean,
+                                              job.std) for i in ids])
+        raw = method.score_raw(images, load_bank_url(bank_url, "cpu"))
+        out = normaliser.finish(raw, normaliser.statistics(lambda raw=raw: iter([raw])))
+        expected = out.image_score.numpy()
+        got = np.array([pipeline[i]["image_score"] for i in ids], np.float32)
+        assert np.abs(got - expected).max() < 1e-5, name
+        assert result.per_category[name]["I-AUROC"] is not None
+
+
+def _job_json(config, result):
+    """The ScoringJob of `result` as the driver built it (same spec, same banks)."""
+    from dataclasses import asdict
+
+    from workflows.pipelines.index import BankRequest, ensure_banks
+    from workflows.pipelines.models import probe_backbone
+    from workflows.pipelines.scoring import ScoringJob
+
+    info = probe_backbone(asdict(config.backbone))
+    pairs = [name.split("/") for name in result.per_category]
+    plans = ensure_banks(config, [BankRequest(d, c, 1, 0) for d, c in pairs], progress=False)
+    banks = {f"{d}/{c}": plans[BankRequest(d, c, 1, 0)].url for d, c in pairs}
+    return ScoringJob(job_id="check", job_url=result.job_url, backbone=asdict(config.backbone),
+                      method=asdict(config.method), banks=banks, image_size=info.image_size,
+                      mean=info.mean, std=info.std).to_json()
