@@ -55,9 +55,13 @@ class IndexConfig:
 @dataclass
 class TrainConfig:
     datasets: list[str] = field(default_factory=list)  # auxiliary datasets (train command)
-    ref_shot: int = 4  # references per auxiliary category (ResAD's train_ref_shot)
+    # fixed normal train references per auxiliary category (CategoryTrainData.references: Res2CLIP's
+    # reference pool); ResAD++ draws its train_ref_shot per batch from all normal train images instead
+    ref_shot: int = 4
     seed: int = 0
-    max_images_per_category: int | None = None  # cap (deterministic subset) to bound memory/time
+    # cap to bound memory/time: a deterministic subset of at most this many test images, and as many
+    # normal train images in the pool of methods that use one (ResAD++); ref_shot is not capped
+    max_images_per_category: int | None = None
     num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
 

@@ -34,6 +34,8 @@ def run(args) -> int:
             tracker.json(result.reference_ids, "reference_ids.json")
         print(f"checkpoint: {result.checkpoint}{' (reused)' if result.reused else ''}")
         for dataset, entry in sorted(result.contributions.items()):
-            print(f"  {dataset}: {entry['images']} images in {len(entry['categories'])} categories, "
-                  f"{entry['used_for']}")
+            pool = entry.get("train_normal_images", 0)
+            pool_text = f" + {pool} normal train images" if pool else ""
+            print(f"  {dataset}: {entry['images']} test images{pool_text} in {len(entry['categories'])} "
+                  f"categories, {entry['used_for']}")
     return 0

@@ -1,9 +1,12 @@
 """`train`: fit a method's learnable parts on auxiliary datasets, one Ray task per training job.
 
-As both papers' authors do, training on an auxiliary category uses its `test` split (normal and
-anomalous images with masks) plus k normal `train` references. Images without a mask carry
-`has_mask=False`, so methods use them only in the losses that need no mask; the job records what
-each dataset contributed. The checkpoint is committed under a content-addressed key and reused.
+Every auxiliary category gives its labelled `test` images (normal and anomalous, with masks where the
+dataset has them) and k fixed normal `train` references; methods that ask for it (`uses_normal_pool`:
+ResAD++) also get all normal `train` images of the category, as their authors train on them (ResAD++:
+stage 1 on `train/good`, stage 2 on train + test, references drawn per batch from `train/good`).
+Images without a mask carry `has_mask=False`, so methods use them only in the losses that need no
+mask. The job records what each dataset contributed and, per category, what the method draws from
+which split. The checkpoint is committed under a content-addressed key and reused.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from workflows.pipelines.index import categories_of, normal_train_ids, read_imag
 from workflows.pipelines.models import backbone_info, content_key, probe_backbone, resolve_device
 
 LOG_NAME = "train_log.json"
+# 2: normal `train` pools for methods that use them (ResAD++ as its authors), provenance in the log
+TRAIN_DATA_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,20 @@ def checkpoint_url(config: RunConfig, spec: TrainSpec, identity_key: str) -> str
     key = content_key({
         "data": config.data.url, "datasets": sorted(spec.datasets), "categories": config.data.categories,
         "backbone": identity_key, "method": method, "seed": spec.seed, "ref_shot": config.train.ref_shot,
-        "cap": config.train.max_images_per_category,
+        "cap": config.train.max_images_per_category, "train_data": TRAIN_DATA_FORMAT,
     })
     return storage.join(config.output, "checkpoints", spec.method.name, key)
 
 
-def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info) -> tuple[list, dict, dict]:
-    """CategoryTrainData for every category of the auxiliary datasets; contributions; reference ids."""
+def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info, *,
+                    normal_pool: bool = False) -> tuple[list, dict, dict]:
+    """CategoryTrainData for every category of the auxiliary datasets; contributions; reference ids.
+
+    Every category gets its labelled `test` images (`images`) and `train.ref_shot` fixed normal `train`
+    references; with `normal_pool` (methods with `uses_normal_pool`) also all its normal `train` images
+    as a uint8 `ImagePool`. `train.max_images_per_category` caps the test images and the pool, each to
+    a deterministic subset of that size; the fixed references are not capped.
+    """
     import torch
 
     from residual_core.bank import select_reference_ids
@@ -60,15 +72,16 @@ def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, inf
     from workflows.datasets.reader import read_table
 
     data, contributions, references = [], {}, {}
+    cap = config.train.max_images_per_category
+    size = info.image_size
     for dataset, category in categories_of(config.data.url, list(datasets), config.data.categories):
-        ref_ids = select_reference_ids(normal_train_ids(config.data.url, dataset, category),
-                                       config.train.ref_shot, seed)
+        train_ids = normal_train_ids(config.data.url, dataset, category)
+        ref_ids = select_reference_ids(train_ids, config.train.ref_shot, seed)
         refs = read_images(config.data.url, dataset, category, "train", ref_ids, info)
         table = read_table(config.data.url, columns=["image_id", "label", "image", "mask"],
                            filters=[("dataset", "==", dataset), ("category", "==", category),
                                     ("split", "==", "test")])
         rows = [r for r in table.to_pylist() if r["label"] is not None]
-        cap = config.train.max_images_per_category
         if cap is not None and len(rows) > cap:
             keep = set(select_reference_ids([r["image_id"] for r in rows], cap, seed))
             rows = [r for r in rows if r["image_id"] in keep]
@@ -81,32 +94,73 @@ def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, inf
             except Exception:  # noqa: BLE001 - corrupt training rows are counted and left out
                 skipped += 1
                 continue
-            images.append(image_to_tensor(image, info.image_size, info.mean, info.std))
-            masks.append(mask_to_tensor(mask, info.image_size))
+            images.append(image_to_tensor(image, size, info.mean, info.std))
+            masks.append(mask_to_tensor(mask, size))
             labels.append(int(row["label"]))
             has_mask.append(mask is not None or row["label"] == 0)
-        if not images:
+        pool, pool_skipped = None, 0
+        if normal_pool:
+            pool_ids = train_ids if cap is None or len(train_ids) <= cap else sorted(
+                select_reference_ids(train_ids, cap, seed))
+            pool, pool_skipped = _read_normal_pool(config.data.url, dataset, category, pool_ids, info)
+        if not images and not (pool is not None and len(pool)):
             continue
         with_masks = sum(1 for flag, label in zip(has_mask, labels, strict=True) if flag and label == 1)
         any_mask = with_masks > 0
         data.append(CategoryTrainData(
-            dataset=dataset, category=category, references=refs, images=torch.stack(images),
-            labels=torch.tensor(labels), masks=torch.stack(masks) if any_mask else None,
+            dataset=dataset, category=category, references=refs,
+            images=torch.stack(images) if images else torch.zeros(0, 3, *refs.shape[-2:]),
+            labels=torch.tensor(labels, dtype=torch.long),
+            masks=torch.stack(masks) if any_mask else None,
             has_mask=torch.tensor(has_mask) if any_mask else torch.zeros(len(labels), dtype=torch.bool),
+            normal_pool=pool, image_split="test", reference_split="train",
         ))
         entry = contributions.setdefault(dataset, {"categories": [], "images": 0, "anomalous": 0,
-                                                   "anomalous_with_mask": 0, "skipped": 0})
+                                                   "anomalous_with_mask": 0, "train_normal_images": 0,
+                                                   "skipped": 0})
         entry["categories"].append(category)
         entry["images"] += len(labels)
         entry["anomalous"] += sum(labels)
         entry["anomalous_with_mask"] += with_masks
-        entry["skipped"] += skipped
+        entry["train_normal_images"] += len(pool) if pool is not None else 0
+        entry["skipped"] += skipped + pool_skipped
         references[f"{dataset}/{category}"] = list(ref_ids)
     for entry in contributions.values():
         entry["mask_losses"] = entry["anomalous_with_mask"] > 0
         entry["used_for"] = ("all losses" if entry["mask_losses"]
                              else "losses without masks only (image labels)")
     return data, contributions, references
+
+
+def _read_normal_pool(data_url: str, dataset: str, category: str, image_ids: list[str], info,
+                      chunk: int = 64):
+    """The given normal `train` images as an ImagePool (uint8, in the order of `image_ids`), streamed in
+    chunks so only one chunk of encoded bytes is held; corrupt images are counted and left out."""
+    import torch
+
+    from residual_core.images import decode_image, image_to_tensor
+    from residual_core.methods import ImagePool
+    from workflows.datasets.reader import iter_batches
+
+    pixels: dict[str, torch.Tensor] = {}
+    skipped = 0
+    for start in range(0, len(image_ids), chunk):
+        filters = [("dataset", "==", dataset), ("category", "==", category), ("split", "==", "train"),
+                   ("image_id", "in", list(image_ids[start:start + chunk]))]
+        for batch in iter_batches(data_url, columns=["image_id", "image"], filters=filters, batch_size=chunk):
+            ids, encoded = batch.column("image_id").to_pylist(), batch.column("image").to_pylist()
+            for image_id, data in zip(ids, encoded, strict=True):
+                try:
+                    tensor = image_to_tensor(decode_image(data), info.image_size, info.mean, info.std)
+                except Exception:  # noqa: BLE001 - corrupt training rows are counted and left out
+                    skipped += 1
+                    continue
+                pixels[image_id] = ImagePool.quantize(tensor[None], info.mean, info.std)[0]
+    kept = [i for i in image_ids if i in pixels]
+    size = info.image_size
+    stacked = (torch.stack([pixels.pop(i) for i in kept]) if kept
+               else torch.zeros(0, 3, size, size, dtype=torch.uint8))
+    return ImagePool(stacked, tuple(info.mean), tuple(info.std), split="train"), skipped
 
 
 def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
@@ -119,12 +173,17 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
     device = resolve_device(config.device)
     backbone = create_backbone_from_config(asdict(config.backbone), device).eval()
     info = backbone_info(backbone)
-    data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info)
-    if not data:
-        raise ValueError(f"training on {spec.datasets}: no labelled test images to train on")
     from residual_core.methods import create_method
 
     method = create_method(spec.method.name, backbone, **spec.method.params).to(device)
+    data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info,
+                                                      normal_pool=method.uses_normal_pool)
+    if not data:
+        raise ValueError(f"training on {spec.datasets}: no labelled test images or normal train images")
+    # what fit draws from which split, per dataset and category (logged with the contributions)
+    drawn = method.training_data_record(data)
+    for cat in data:
+        contributions[cat.dataset].setdefault("training_data", {})[cat.category] = drawn[cat.name]
     losses: list[tuple[int, dict[str, float]]] = []
     import torch
 

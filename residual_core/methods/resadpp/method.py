@@ -26,6 +26,7 @@ from residual_core.methods.set_normalisation import RawBatch
 class ResADpp(AnomalyMethod):
     name = "resadpp"
     trainable = True
+    uses_normal_pool = True  # stage 1, stage 2 and the per-batch references draw on the train normals
 
     def __init__(self, backbone, config: ResADppConfig | None = None) -> None:
         super().__init__(backbone)
@@ -80,21 +81,27 @@ class ResADpp(AnomalyMethod):
     def score_raw(self, images: Tensor, bank) -> RawBatch:
         """Per-level flow outputs at feature resolution: normal log-likelihoods and anomaly probabilities."""
         references = self._bank_references(bank)
+        with torch.no_grad():
+            residuals = residual_maps(self.feature_maps(images), references, self.config.residual_squared)
+        return raw_batch(*self._level_outputs(residuals))
+
+    def _level_outputs(self, residuals: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The scoring path from residuals (validate.py): VQ + feature distribution matching, constraintor,
+        flows, all in eval mode and no_grad; per level the normal log-likelihood and anomaly probability
+        maps [B, H, W]."""
         cfg = self.config
         for module in (self.vq, self.constraintor, self.flows):
             module.eval()
+        logp_maps, prob_maps = [], []
         with torch.no_grad():
-            residuals = residual_maps(self.feature_maps(images), references, cfg.residual_squared)
             quantized = self.vq.quantize(residuals)
             aligned = [match_feature_distribution(r, q, cfg.fdm_alpha) for r, q in zip(residuals, quantized,
                                                                                         strict=True)]
-            constrained = self.constraintor(aligned)
-            logp_maps, prob_maps = [], []
-            for level, e in enumerate(constrained):
+            for level, e in enumerate(self.constraintor(aligned)):
                 logp_n, logp_a = self._flow_logps(level, e)
                 logp_maps.append(logp_n)
                 prob_maps.append(torch.softmax(torch.stack([logp_n, logp_a], dim=-1), dim=-1)[..., 1])
-        return raw_batch(logp_maps, prob_maps)
+        return logp_maps, prob_maps
 
     def score(self, images: Tensor, bank) -> ScoreOutput:
         """Batch-independent scores: log-likelihoods normalised by the offsets fixed after training.
@@ -138,16 +145,21 @@ class ResADpp(AnomalyMethod):
 
     # ----- training --------------------------------------------------------------------------------
     def fit(self, data: Sequence[CategoryTrainData], log: LogFn | None = None) -> None:
-        """Two-stage training on auxiliary categories (main.py): normal images first, then all images."""
+        """Two-stage training on auxiliary categories (main.py), then the likelihood-offset calibration.
+
+        With a `normal_pool` (the category's normal `train` images) the data are the authors': stage 1
+        on the pool (`MVTEC(train=True)`), stage 2 on the pool plus `images` (`MVTECANO`: train + test),
+        and every batch draws `train_ref_shot` references per category from the pool, with replacement
+        (`get_random_normal_images`). Without a pool: stage 1 on the normal `images`, stage 2 on all
+        `images`, references drawn the same way from `references`.
+        """
         cfg = self.config
         _check_train_data(data)
-        trainer = ResADppTrainer(cfg, self.vq, self.constraintor, self.flows, self.boundaries,
-                                 self.logp_offsets)
-        refs = [self._reference_features(cat) for cat in data]
-        stage1 = [(c, i) for c, cat in enumerate(data) for i in (cat.labels == 0).nonzero()[:, 0].tolist()]
-        stage2 = [(c, i) for c, cat in enumerate(data) for i in range(len(cat.images))]
+        trainer = ResADppTrainer(cfg, self.vq, self.constraintor, self.flows, self.boundaries)
+        stage1, stage2 = stage_items(data)
         if not stage1 and cfg.first_stage_epochs > 0:
-            raise MethodError("resadpp: stage 1 needs normal (label 0) images; the training data has none")
+            raise MethodError("resadpp: stage 1 needs normal images (a normal_pool or label-0 images); "
+                              "the training data has none")
         rng = np.random.default_rng(cfg.seed)
         shuffle = torch.Generator().manual_seed(cfg.seed)
         for epoch in range(cfg.epochs):
@@ -156,37 +168,98 @@ class ResADpp(AnomalyMethod):
             order = torch.randperm(len(pool), generator=shuffle).tolist()
             epoch_losses = None
             for batch_items in _batches([pool[i] for i in order], cfg.batch_size):
-                batch = self._train_batch(data, refs, batch_items, rng)
-                step = trainer.step(batch, stage)
+                step = trainer.step(TrainBatch(*self._residual_batch(data, batch_items, rng)), stage)
                 if epoch_losses is None:
                     epoch_losses = step
                 else:
                     epoch_losses.merge(step)
-            trainer.end_epoch(track_offsets=epoch == cfg.epochs - 1)
+            trainer.end_epoch()
             if log is not None:
                 metrics = epoch_losses.means() if epoch_losses else {}
                 log(epoch, {**{f"loss_{k}": v for k, v in metrics.items()}, "stage": float(stage)})
+        self.calibrate_offsets(data, rng)
 
-    def _reference_features(self, category: CategoryTrainData) -> list[Tensor]:
-        """Per level [K, H*W, D] features of the category's normal references."""
-        chunks = [self.feature_maps(part) for part in category.references.split(self.config.batch_size)]
-        return [torch.cat([maps[level] for maps in chunks]).flatten(2).transpose(1, 2)
-                for level in range(len(self.channels))]
+    def calibrate_offsets(self, data: Sequence[CategoryTrainData],
+                          rng: np.random.Generator | None = None) -> Tensor:
+        """Set `logp_offsets[l]` to the largest normal log-likelihood of level l on the calibration images.
 
-    def _train_batch(self, data, refs, items, rng: np.random.Generator) -> TrainBatch:
-        images = torch.stack([data[c].images[i] for c, i in items]).to(self.device)
-        position_labels = torch.cat([_position_labels(data[c], torch.tensor([i])) for c, i in items])
-        position_labels = position_labels.to(self.device)
-        maps = self.feature_maps(images)
-        groups = []
-        categories = [c for c, _ in items]
-        for c in sorted(set(categories)):
+        The calibration images are the normal `images` (label 0; the test split in the pipelines), each
+        batch with references drawn per category as in training, passed through the scoring path of
+        `score()` (VQ + feature distribution matching, constraintor and flows in eval mode, every
+        position, no position sub-batch dropped), in no_grad with the final weights. Test-split normals
+        are never among their own references, like the images `score()` sees; a training set without
+        any such image falls back to the stage-1 images. Returns the offsets.
+        """
+        cfg = self.config
+        rng = rng if rng is not None else np.random.default_rng(cfg.seed)
+        items = calibration_items(data)
+        if not items:
+            raise MethodError("resadpp: calibrating the likelihood offsets needs normal images")
+        maxima = torch.full((len(self.channels),), -torch.inf)
+        for start in range(0, len(items), cfg.batch_size):
+            with torch.no_grad():
+                residuals, _ = self._residual_batch(data, items[start:start + cfg.batch_size], rng)
+            logp_maps, _ = self._level_outputs(residuals)
+            for level, logp_n in enumerate(logp_maps):
+                maxima[level] = torch.maximum(maxima[level], logp_n.max().float().cpu())
+        if not torch.isfinite(maxima).all():
+            raise MethodError(f"resadpp: calibrated likelihood offsets are not finite: {maxima.tolist()}")
+        self.logp_offsets.copy_(maxima.to(self.logp_offsets.device))
+        return self.logp_offsets
+
+    def training_data_record(self, data: Sequence[CategoryTrainData]) -> dict[str, dict]:
+        """Per category: stage-1 and stage-2 images by split, the reference pool and its draw rule, and
+        the images the likelihood offsets are calibrated on."""
+        cfg = self.config
+        draw = (f"{cfg.train_ref_shot} per category present in a batch, uniformly with replacement from "
+                "the pool, redrawn every batch (get_random_normal_images)")
+        calibration = calibration_items(data)
+        record = {}
+        for c, cat in enumerate(data):
+            n_images, n_normal = int(cat.images.shape[0]), int((cat.labels == 0).sum())
+            with_mask = int(((cat.labels != 0) & cat.has_mask.bool()).sum()) if cat.masks is not None else 0
+            pool = cat.normal_pool
+            if pool is not None:
+                stage1 = {"images": len(pool), "splits": {pool.split: len(pool)}}
+                stage2 = {"images": len(pool) + n_images,
+                          "splits": _split_counts((pool.split, len(pool)), (cat.image_split, n_images))}
+            else:
+                stage1 = {"images": n_normal, "splits": {cat.image_split: n_normal}}
+                stage2 = {"images": n_images, "splits": {cat.image_split: n_images}}
+            stage2.update(anomalous=n_images - n_normal, anomalous_with_mask=with_mask)
+            source, size, split = _reference_source(cat)
+            calibrated = [src for k, src, _ in calibration if k == c]
+            calibration_split = cat.image_split if IMAGES in calibrated else (pool.split if pool else None)
+            record[cat.name] = {
+                "stage1": {**stage1, "labels": "normal", "epochs": cfg.first_stage_epochs},
+                "stage2": {**stage2, "epochs": cfg.epochs - cfg.first_stage_epochs},
+                "reference_pool": {"field": source, "images": size, "split": split, "draw": draw},
+                "offset_calibration": {"images": len(calibrated), "split": calibration_split,
+                                       "labels": "normal"},
+            }
+        return record
+
+    def _residual_batch(self, data: Sequence[CategoryTrainData], items: Sequence[Item],
+                        rng: np.random.Generator) -> tuple[list[Tensor], Tensor]:
+        """Per-level residuals [B, C, H, W] of `items` against references drawn for this batch, and the
+        position labels [B, 1, S, S]."""
+        images = torch.cat([_take(data[c], source, [i]) for c, source, i in items])
+        position_labels = torch.cat([_position_labels(data[c], source, i) for c, source, i in items])
+        categories = [c for c, _, _ in items]
+        picks = draw_references(data, categories, self.config.train_ref_shot, rng)
+        drawn = [_take(data[c], _reference_source(data[c])[0], p.tolist()) for c, p in picks.items()]
+        maps = self.feature_maps(torch.cat([images, *drawn]).to(self.device))
+        b = len(items)
+        query_maps = [level[:b] for level in maps]
+        groups, start = [], b
+        for c, refs in zip(picks, drawn, strict=True):
             rows = torch.tensor([k for k, cat in enumerate(categories) if cat == c], device=self.device)
-            # get_random_normal_images: train_ref_shot draws with replacement per class and batch
-            picks = torch.as_tensor(rng.integers(refs[c][0].shape[0], size=self.config.train_ref_shot),
-                                    device=self.device)
-            groups.append((rows, [level[picks].reshape(-1, level.shape[-1]) for level in refs[c]]))
-        return TrainBatch(grouped_residual_maps(maps, groups, self.config.residual_squared), position_labels)
+            stop = start + refs.shape[0]
+            groups.append((rows, [level[start:stop].flatten(2).transpose(1, 2).reshape(-1, level.shape[1])
+                                  for level in maps]))
+            start = stop
+        residuals = grouped_residual_maps(query_maps, groups, self.config.residual_squared)
+        return residuals, position_labels.to(self.device)
 
 
 def _probe_backbone(backbone) -> tuple[list[int], list[tuple[int, int]]]:
@@ -210,18 +283,73 @@ def _batches(items: list, batch_size: int):
         yield items[b * batch_size:(b + 1) * batch_size]
 
 
-def _position_labels(category: CategoryTrainData, index: Tensor) -> Tensor:
-    """[n, 1, S, S]: 0 for normal images, the mask for anomalies with one, -1 (unknown) otherwise."""
-    n, _, h, w = len(index), *category.images.shape[1:]
-    labels = torch.zeros(n, 1, h, w)
-    anomalous = category.labels[index] != 0
-    with_mask = anomalous & category.has_mask[index].bool()
-    if category.masks is not None and bool(with_mask.any()):
-        labels[with_mask] = (category.masks[index][with_mask].float() > 0.5).float()
-    else:
-        with_mask = torch.zeros_like(anomalous)
-    labels[anomalous & ~with_mask] = UNKNOWN
-    return labels
+POOL, IMAGES = "normal_pool", "images"  # where a training item's image lives
+Item = tuple[int, str, int]  # (category position in the data, POOL or IMAGES, image index)
+
+
+def stage_items(data: Sequence[CategoryTrainData]) -> tuple[list[Item], list[Item]]:
+    """(category, source, index) of the stage-1 and stage-2 images (see `ResADpp.fit`)."""
+    stage1, stage2 = [], []
+    for c, cat in enumerate(data):
+        every = [(c, IMAGES, i) for i in range(cat.images.shape[0])]
+        if cat.normal_pool is not None:
+            pool = [(c, POOL, i) for i in range(len(cat.normal_pool))]
+            stage1 += pool
+            stage2 += pool + every
+        else:
+            stage1 += [(c, IMAGES, i) for i in (cat.labels == 0).nonzero()[:, 0].tolist()]
+            stage2 += every
+    return stage1, stage2
+
+
+def calibration_items(data: Sequence[CategoryTrainData]) -> list[Item]:
+    """The normal `images` of every category; the stage-1 images when there are none."""
+    items = [(c, IMAGES, i) for c, cat in enumerate(data) for i in (cat.labels == 0).nonzero()[:, 0].tolist()]
+    return items or stage_items(data)[0]
+
+
+def draw_references(data: Sequence[CategoryTrainData], categories: Sequence[int], shot: int,
+                    rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """The references of one batch: for each category in it (sorted, like np.unique of the batch's class
+    names), `shot` indices drawn uniformly with replacement from its reference source
+    (`get_random_normal_images`). Repeats are merged: a repeated reference adds no nearest neighbour,
+    so each drawn image is encoded once."""
+    return {c: np.unique(rng.integers(_reference_source(data[c])[1], size=shot))
+            for c in sorted(set(categories))}
+
+
+def _reference_source(category: CategoryTrainData) -> tuple[str, int, str]:
+    """(field, size, split) the per-batch references are drawn from: the normal pool, else `references`."""
+    pool = category.normal_pool
+    if pool is not None and len(pool) > 0:
+        return POOL, len(pool), pool.split
+    return "references", int(category.references.shape[0]), category.reference_split
+
+
+def _take(category: CategoryTrainData, source: str, index: list[int]) -> Tensor:
+    """Float images [n, 3, S, S] of one category from `images`, `references` or the normal pool."""
+    if source == POOL:
+        return category.normal_pool.images(index)
+    tensor = category.images if source == IMAGES else category.references
+    return tensor[torch.as_tensor(index, dtype=torch.long)].float()
+
+
+def _split_counts(*pairs: tuple[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for split, n in pairs:
+        counts[split] = counts.get(split, 0) + n
+    return counts
+
+
+def _position_labels(category: CategoryTrainData, source: str, index: int) -> Tensor:
+    """[1, 1, S, S]: 0 for normal images, the mask for anomalies with one, -1 (unknown) otherwise."""
+    h, w = category.images.shape[-2:]
+    labels = torch.zeros(1, 1, h, w)
+    if source != IMAGES or int(category.labels[index]) == 0:
+        return labels
+    if category.masks is not None and bool(category.has_mask[index]):
+        return (category.masks[index:index + 1].float() > 0.5).float()
+    return labels.fill_(UNKNOWN)
 
 
 def _check_train_data(data: Sequence[CategoryTrainData]) -> None:
@@ -229,5 +357,6 @@ def _check_train_data(data: Sequence[CategoryTrainData]) -> None:
         raise MethodError("resadpp: fit needs at least one training category")
     for cat in data:
         cat.check_shapes("resadpp")
-        if cat.references.shape[0] == 0:
-            raise MethodError(f"resadpp: {cat.name}: needs at least one reference [K,3,S,S]")
+        if _reference_source(cat)[1] == 0:
+            raise MethodError(f"resadpp: {cat.name}: needs at least one normal reference image "
+                              "(a non-empty normal_pool or references [K,3,S,S])")

@@ -61,8 +61,9 @@ def likelihood_anomaly_map(
 
     With the authors' normalisation m_l is each level's maximum over the whole evaluated set and
     `flip` the set's maximum of the summed map (`TestSetNormaliser`). In the streaming mode m_l is a
-    per-level constant fixed after training and `flip` is L (the number of levels), so scores do not
-    depend on the batch. A constant `flip` shifts every map of a category equally: no metric changes.
+    per-level constant calibrated after training (`ResADpp.calibrate_offsets`) and `flip` is L (the
+    number of levels), so scores do not depend on the batch. A constant `flip` shifts every map of a
+    category equally: no metric changes.
     """
     normal = normal_map(logp_maps, logp_offsets, size)
     return gaussian_blur((len(logp_maps) if flip is None else flip) - normal, sigma)

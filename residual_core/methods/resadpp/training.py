@@ -3,7 +3,8 @@
 Per batch, in the authors' order: (1) VQ codebook step on normal residuals, (2) constraintor step
 with the log-barrier bidirectional OCC loss, (3) flow steps on the detached constrained residuals,
 sub-batched over shuffled positions. Stage 1 (epoch < first_stage_epochs) sees normal images only;
-stage 2 sees all images with their masks.
+stage 2 sees all images with their masks. Which images those are, and the per-level likelihood
+offsets calibrated after training, are the method's business (`method.py`).
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ class ResADppTrainer:
     """Optimisers, schedules and one training step for the three learnable parts."""
 
     def __init__(self, config: ResADppConfig, vq: MultiLevelVQ, constraintor: MultiLevelConstraintor,
-                 flows: nn.ModuleList, boundaries: BoundaryAverager, logp_offsets: Tensor) -> None:
+                 flows: nn.ModuleList, boundaries: BoundaryAverager) -> None:
         self.config = config
         self.vq, self.constraintor, self.flows = vq, constraintor, flows
-        self.boundaries, self.logp_offsets = boundaries, logp_offsets
+        self.boundaries = boundaries
         self.generator = torch.Generator().manual_seed(config.seed)
 
         def adam(params):
@@ -95,17 +96,11 @@ class ResADppTrainer:
         self.opt_vq, self.sched_vq = adam(vq.parameters())
         self.opt_constraintor, self.sched_constraintor = adam(constraintor.parameters())
         self.opt_flow, self.sched_flow = adam(flows.parameters())
-        self._max_logp: list[float | None] = [None] * len(flows)
 
-    def end_epoch(self, track_offsets: bool) -> None:
-        """Step the three MultiStepLR schedules; store the epoch's max normal log-likelihood if asked."""
+    def end_epoch(self) -> None:
+        """Step the three MultiStepLR schedules (once per epoch, as main.py does)."""
         for sched in (self.sched_vq, self.sched_constraintor, self.sched_flow):
             sched.step()
-        if track_offsets:
-            for level, value in enumerate(self._max_logp):
-                if value is not None:
-                    self.logp_offsets[level] = value
-        self._max_logp = [None] * len(self.flows)
 
     def step(self, batch: TrainBatch, stage: int) -> StepLosses:
         """VQ step, constraintor step, then flow sub-batch steps; returns summed loss items."""
@@ -161,7 +156,6 @@ class ResADppTrainer:
             logp_n = gaussian_logp(z, log_jac, 0.0)
             logp_a = gaussian_logp(z, log_jac, 1.0)
             self.boundaries.update(level, normal_boundary(logp_n.detach(), m_b, cfg.pos_beta))
-            self._track_max(level, logp_n.detach(), m_b)
             bounds = None
             if stage == 2:
                 b_n = self.boundaries.get(level)
@@ -175,13 +169,6 @@ class ResADppTrainer:
                 for k, v in parts.items():
                     losses.add(k, v)
         return losses
-
-    def _track_max(self, level: int, logps: Tensor, labels: Tensor) -> None:
-        normal = logps[labels == 0]
-        if normal.numel():
-            value = float(normal.max())
-            current = self._max_logp[level]
-            self._max_logp[level] = value if current is None else max(current, value)
 
     @staticmethod
     def _apply(optimizer: torch.optim.Optimizer, loss: Tensor) -> bool:

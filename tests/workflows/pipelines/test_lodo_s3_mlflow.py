@@ -82,8 +82,10 @@ def test_train_command_on_s3(s3_ray, s3_data, capsys):
                  "train.max_images_per_category=4", "train.ref_shot=2", f"method={TRAINABLE}")
     assert main(["train", *args]) == 0
     printed = capsys.readouterr().out
-    assert "labels: 4 images in 1 categories, losses without masks only" in printed
-    assert "textures: 8 images in 2 categories, all losses" in printed
+    # resadpp also gets every normal train image (2 per category here) as its authors do
+    assert ("labels: 4 test images + 2 normal train images in 1 categories, losses without masks only"
+            in printed)
+    assert "textures: 8 test images + 4 normal train images in 2 categories, all losses" in printed
     (checkpoint,) = [line.split(": ", 1)[1] for line in printed.splitlines()
                      if line.startswith("checkpoint:")]
     assert storage.is_committed(checkpoint)

@@ -23,7 +23,7 @@ def make_trainer(**overrides):
     constraintor = MultiLevelConstraintor(CHANNELS, cfg.constraintor)
     flows: nn.ModuleList = build_flows(CHANNELS, cfg)
     boundaries = BoundaryAverager(len(CHANNELS), cfg.boundary_momentum)
-    return ResADppTrainer(cfg, vq, constraintor, flows, boundaries, torch.zeros(len(CHANNELS))), boundaries
+    return ResADppTrainer(cfg, vq, constraintor, flows, boundaries), boundaries
 
 
 def make_batch(with_anomalies: bool) -> TrainBatch:
