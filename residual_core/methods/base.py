@@ -61,6 +61,7 @@ class AnomalyMethod(nn.Module):
 
     name: str = "base"
     trainable: bool = False
+    preprocess: str = "torch-bicubic"  # the residual_core.preprocess preset its inputs go through
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig
 from workflows.pipelines.index import categories_of, normal_train_ids, read_images
-from workflows.pipelines.models import backbone_info, content_key, probe_backbone, resolve_device
+from workflows.pipelines.models import (
+    backbone_info,
+    content_key,
+    method_preprocess,
+    probe_backbone,
+    resolve_device,
+)
 
 LOG_NAME = "train_log.json"
 
@@ -44,26 +50,31 @@ def checkpoint_url(config: RunConfig, spec: TrainSpec, identity_key: str) -> str
     method = {k: v for k, v in asdict(spec.method).items() if k != "checkpoint"}
     key = content_key({
         "data": config.data.url, "datasets": sorted(spec.datasets), "categories": config.data.categories,
-        "backbone": identity_key, "method": method, "seed": spec.seed, "ref_shot": config.train.ref_shot,
+        "backbone": identity_key, "method": method, "preprocess": method_preprocess(spec.method),
+        "seed": spec.seed, "ref_shot": config.train.ref_shot,
         "cap": config.train.max_images_per_category,
     })
     return storage.join(config.output, "checkpoints", spec.method.name, key)
 
 
-def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info) -> tuple[list, dict, dict]:
-    """CategoryTrainData for every category of the auxiliary datasets; contributions; reference ids."""
+def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info,
+                    preprocess: str) -> tuple[list, dict, dict]:
+    """CategoryTrainData for every category of the auxiliary datasets (images and masks through the
+    `preprocess` preset); contributions; reference ids."""
     import torch
 
     from residual_core.bank import select_reference_ids
-    from residual_core.images import decode_image, decode_mask, image_to_tensor, mask_to_tensor
+    from residual_core.images import decode_image, decode_mask
     from residual_core.methods import CategoryTrainData
+    from residual_core.preprocess import get_preprocess
     from workflows.datasets.reader import read_table
 
+    preset = get_preprocess(preprocess)
     data, contributions, references = [], {}, {}
     for dataset, category in categories_of(config.data.url, list(datasets), config.data.categories):
         ref_ids = select_reference_ids(normal_train_ids(config.data.url, dataset, category),
                                        config.train.ref_shot, seed)
-        refs = read_images(config.data.url, dataset, category, "train", ref_ids, info)
+        refs = read_images(config.data.url, dataset, category, "train", ref_ids, info, preprocess)
         table = read_table(config.data.url, columns=["image_id", "label", "image", "mask"],
                            filters=[("dataset", "==", dataset), ("category", "==", category),
                                     ("split", "==", "test")])
@@ -81,8 +92,8 @@ def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, inf
             except Exception:  # noqa: BLE001 - corrupt training rows are counted and left out
                 skipped += 1
                 continue
-            images.append(image_to_tensor(image, info.image_size, info.mean, info.std))
-            masks.append(mask_to_tensor(mask, info.image_size))
+            images.append(preset.image(image, info.image_size, info.mean, info.std))
+            masks.append(preset.mask(mask, info.image_size))
             labels.append(int(row["label"]))
             has_mask.append(mask is not None or row["label"] == 0)
         if not images:
@@ -119,7 +130,8 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
     device = resolve_device(config.device)
     backbone = create_backbone_from_config(asdict(config.backbone), device).eval()
     info = backbone_info(backbone)
-    data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info)
+    data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info,
+                                                      method_preprocess(spec.method))
     if not data:
         raise ValueError(f"training on {spec.datasets}: no labelled test images to train on")
     from residual_core.methods import create_method
