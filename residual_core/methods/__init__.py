@@ -1,7 +1,12 @@
 """Anomaly-detection methods on residual features."""
 
 from residual_core.methods.base import AnomalyMethod, CategoryTrainData, ImagePool, MethodError, ScoreOutput
-from residual_core.methods.registry import available_methods, create_method, register_method
+from residual_core.methods.registry import (
+    available_methods,
+    create_method,
+    method_preprocess,
+    register_method,
+)
 
 __all__ = [
     "AnomalyMethod",
@@ -11,5 +16,6 @@ __all__ = [
     "ScoreOutput",
     "available_methods",
     "create_method",
+    "method_preprocess",
     "register_method",
 ]

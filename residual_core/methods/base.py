@@ -114,6 +114,7 @@ class AnomalyMethod(nn.Module):
     name: str = "base"
     trainable: bool = False
     uses_normal_pool: bool = False  # fit() draws from CategoryTrainData.normal_pool: loaders fill it
+    preprocess: str = "torch-bicubic"  # the residual_core.preprocess preset its inputs go through
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

@@ -4,6 +4,9 @@ No training. For every query patch the nearest reference patch (cosine similarit
 L2-normalised features, the whole bank of the category) is subtracted; the norm of that
 residual is the patch's anomaly score. Per-layer score grids are upsampled to the input size
 and averaged; the image score is the maximum of the map.
+
+Preprocessing (`preprocess`, a `residual_core.preprocess` preset) defaults to `res2clip`: the PIL
+bicubic resize of the whole image to S x S, so no part of a non-square image is cropped away.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from torch import Tensor
 
 from residual_core.methods.base import AnomalyMethod, MethodError, ScoreOutput
 from residual_core.methods.registry import register_method
+from residual_core.preprocess import PREPROCESS_NAMES
+
+DEFAULT_PREPROCESS = "res2clip"
 
 
 def nearest_residual_norm(query: Tensor, reference: Tensor, *, chunk: int = 4096) -> Tensor:
@@ -36,12 +42,13 @@ class NearestNeighbourBaseline(AnomalyMethod):
     name = "baseline"
     trainable = False
 
-    def __init__(self, backbone, *, normalize: bool = True) -> None:
+    def __init__(self, backbone, *, normalize: bool = True, preprocess: str = DEFAULT_PREPROCESS) -> None:
         super().__init__(backbone)
         self.normalize = bool(normalize)
+        self.preprocess = baseline_preprocess({"preprocess": preprocess})
 
     def config_dict(self) -> dict:
-        return {"normalize": self.normalize}
+        return {"normalize": self.normalize, "preprocess": self.preprocess}
 
     @torch.no_grad()
     def score(self, images: Tensor, bank) -> ScoreOutput:
@@ -73,6 +80,17 @@ class NearestNeighbourBaseline(AnomalyMethod):
         )
 
 
-@register_method("baseline")
+def baseline_preprocess(params: dict) -> str:
+    """The preset the baseline uses with keyword hyper-parameters `params`."""
+    unknown = sorted(set(params) - {"normalize", "preprocess"})
+    if unknown:
+        raise MethodError(f"baseline: unknown config keys {unknown}")
+    preprocess = params.get("preprocess", DEFAULT_PREPROCESS)
+    if preprocess not in PREPROCESS_NAMES:
+        raise MethodError(f"baseline: preprocess must be one of {PREPROCESS_NAMES}, got {preprocess!r}")
+    return preprocess
+
+
+@register_method("baseline", preprocess=baseline_preprocess)
 def build_baseline(backbone, **config) -> NearestNeighbourBaseline:
     return NearestNeighbourBaseline(backbone, **config)

@@ -117,8 +117,9 @@ def test_pipeline_stage_records_every_bad_row_as_skipped(tmp_path):
 
     with pytest.raises(SchemaError, match="random-0"):
         write_dataset([{**rows[0], "image": b"", "source": "random-0"}], str(tmp_path / "empty"))
-    job = ScoringJob(job_id="fuzz", job_url=str(tmp_path / "job"), backbone={}, method={}, banks={},
-                     image_size=32)
+    job = ScoringJob(job_id="fuzz", job_url=str(tmp_path / "job"), backbone={},
+                     method={"name": "baseline", "params": {}}, banks={}, image_size=32)
+    assert job.preprocess == "res2clip"  # resolved from the method when not given
     kept, skipped = [], []
     for shard in plan_shards(url, split="test", shard_size=16):
         out = prepare_shard({"job": job.to_json(), "shard": json.dumps(shard.to_dict())})

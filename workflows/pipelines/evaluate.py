@@ -18,7 +18,7 @@ from workflows import storage
 from workflows.config import MethodConfig, RunConfig, save_config
 from workflows.datasets.reader import pixel_ground_truth
 from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
-from workflows.pipelines.models import content_key, probe_backbone
+from workflows.pipelines.models import content_key, method_preprocess, probe_backbone
 from workflows.pipelines.resume import Shard, ShardStore, plan_shards
 from workflows.pipelines.scoring import ScoringJob, run_scoring
 from workflows.pipelines.set_reduce import pending_reduces, run_reduces
@@ -68,8 +68,9 @@ class EvalResult:
 def job_url_for(config: RunConfig, spec: EvalSpec, identity_key: str) -> str:
     key = content_key({
         "data": config.data.url, "datasets": list(spec.datasets), "categories": config.data.categories,
-        "backbone": identity_key, "method": asdict(spec.method), "k": spec.k_shot, "seed": spec.seed,
-        "shard_size": config.evaluate.shard_size, "protocol": EVAL_PROTOCOL,
+        "backbone": identity_key, "method": asdict(spec.method), "preprocess": method_preprocess(spec.method),
+        "k": spec.k_shot, "seed": spec.seed, "shard_size": config.evaluate.shard_size,
+        "protocol": EVAL_PROTOCOL,
         "maps": [config.evaluate.save_maps, config.evaluate.map_sample_fraction, config.evaluate.map_dtype],
     })
     return storage.join(config.output, "evaluate", key)
@@ -84,25 +85,27 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
     ev = config.evaluate
     jobs: list[tuple[EvalSpec, ScoringJob, list[Shard]]] = []
     all_requests = []
-    per_spec_pairs = {}
+    per_spec_pairs, preprocess = {}, {}
     for spec in specs:
         pairs = categories_of(config.data.url, list(spec.datasets), config.data.categories)
         if not pairs:
             where = storage.redact(config.data.url)
             raise ValueError(f"{spec.label()}: no test partitions found under {where}")
         per_spec_pairs[spec] = pairs
-        all_requests += [BankRequest(d, c, spec.k_shot, spec.seed) for d, c in pairs]
+        preprocess[spec] = method_preprocess(spec.method)
+        all_requests += [BankRequest(d, c, spec.k_shot, spec.seed, preprocess[spec]) for d, c in pairs]
     plans = ensure_banks(config, all_requests, progress=progress)
     pixel_gt = {f"{d}/{c}": flag for (d, c), flag in pixel_ground_truth(config.data.url).items()}
     for spec in specs:
         job_url = job_url_for(config, spec, info.identity_key)
-        banks = {f"{d}/{c}": plans[BankRequest(d, c, spec.k_shot, spec.seed)].url
+        banks = {f"{d}/{c}": plans[BankRequest(d, c, spec.k_shot, spec.seed, preprocess[spec])].url
                  for d, c in per_spec_pairs[spec]}
         job = ScoringJob(
             job_id=job_url.rsplit("/", 1)[-1], job_url=job_url, backbone=backbone_cfg,
-            method=asdict(spec.method), banks=banks, device=config.device, image_size=info.image_size,
-            mean=info.mean, std=info.std, save_maps=ev.save_maps, map_sample_fraction=ev.map_sample_fraction,
-            map_dtype=ev.map_dtype, pixel_gt={name: pixel_gt.get(name, False) for name in banks},
+            method=asdict(spec.method), banks=banks, preprocess=preprocess[spec], device=config.device,
+            image_size=info.image_size, mean=info.mean, std=info.std, save_maps=ev.save_maps,
+            map_sample_fraction=ev.map_sample_fraction, map_dtype=ev.map_dtype,
+            pixel_gt={name: pixel_gt.get(name, False) for name in banks},
         )
         shards = [] if storage.is_committed(job_url) else plan_shards(
             config.data.url, split="test", shard_size=ev.shard_size, datasets=list(spec.datasets),
@@ -128,8 +131,8 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
     run_reduces([(job, shards) for _, job, shards in jobs], max_retries=ev.max_retries, progress=progress)
     results = []
     for spec, job, shards in jobs:
-        refs = {name: list(plans[BankRequest(*name.split("/"), spec.k_shot, spec.seed)].image_ids)
-                for name in job.banks}
+        refs = {name: list(plans[BankRequest(*name.split("/"), spec.k_shot, spec.seed,
+                                             job.preprocess)].image_ids) for name in job.banks}
         results.append(_finalize(config, spec, job, shards, refs, resumed.get(job.job_id, 0)))
     return results
 
@@ -179,7 +182,8 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
                     _clean(acc.compute()) for name, acc in sorted(accumulators.items())}
     per_dataset = dataset_means(per_category)
     payload = {"per_category": per_category, "per_dataset": per_dataset, "counts": counts,
-               "reference_ids": refs, "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"]}
+               "reference_ids": refs, "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"],
+               "preprocess": job.preprocess}
     storage.atomic_write_json(metrics_url, payload)
     save_config(config, storage.join(job.job_url, "config.yaml"))
     storage.mark_success(job.job_url, {"metrics": "metrics.json"})

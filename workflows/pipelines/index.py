@@ -1,7 +1,8 @@
 """`index`: build reference banks (+ FAISS indexes) per (dataset, category, k, seed) as Ray tasks.
 
-Banks live under a content-addressed key (backbone identity, layers, k, seed, selected image ids),
-so an existing complete bank (with its commit marker) is reused, never rebuilt.
+Banks live under a content-addressed key (backbone identity, layers, preprocessing preset, k, seed,
+selected image ids), so an existing complete bank (with its commit marker) is reused, never rebuilt,
+and a bank made with one method's preprocessing is never used for a method that preprocesses otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from dataclasses import dataclass
 
 from workflows import storage
 from workflows.config import RunConfig
-from workflows.pipelines.models import BackboneInfo, content_key, create_backbone_from_config, probe_backbone
+from workflows.pipelines.models import (
+    BackboneInfo,
+    content_key,
+    create_backbone_from_config,
+    method_preprocess,
+    probe_backbone,
+)
 
 BANK_FORMAT = 1
 
@@ -22,6 +29,7 @@ class BankRequest:
     category: str
     k_shot: int
     seed: int
+    preprocess: str  # residual_core.preprocess preset of the method the bank serves
 
 
 @dataclass(frozen=True)
@@ -57,18 +65,21 @@ def plan_bank(config: RunConfig, info: BackboneInfo, request: BankRequest) -> Ba
     ids = tuple(select_reference_ids(candidates, request.k_shot, request.seed))
     key = content_key({
         "format": BANK_FORMAT, "backbone": info.identity_key, "layers": info.identity.get("layers"),
-        "k": request.k_shot, "seed": request.seed, "ids": list(ids),
+        "preprocess": request.preprocess, "k": request.k_shot, "seed": request.seed, "ids": list(ids),
         "dataset": request.dataset, "category": request.category,
     })
     url = storage.join(config.output, "indexes", request.dataset, request.category, key)
     return BankPlan(request, ids, url)
 
 
-def read_images(data_url: str, dataset: str, category: str, split: str, image_ids, info: BackboneInfo):
-    """Decode and preprocess the given images of a partition, in the order of `image_ids`."""
+def read_images(data_url: str, dataset: str, category: str, split: str, image_ids, info: BackboneInfo,
+                preprocess: str):
+    """Decode the given images of a partition and preprocess them with the `preprocess` preset, in the
+    order of `image_ids`."""
     import torch
 
-    from residual_core.images import decode_image, image_to_tensor
+    from residual_core.images import decode_image
+    from residual_core.preprocess import get_preprocess
     from workflows.datasets.reader import read_table
 
     table = read_table(
@@ -80,8 +91,8 @@ def read_images(data_url: str, dataset: str, category: str, split: str, image_id
     missing = [i for i in image_ids if i not in by_id]
     if missing:
         raise ValueError(f"{dataset}/{category}/{split}: images not found: {missing[:5]}")
-    tensors = [image_to_tensor(decode_image(by_id[i]), info.image_size, info.mean, info.std)
-               for i in image_ids]
+    preset = get_preprocess(preprocess)
+    tensors = [preset.image(decode_image(by_id[i]), info.image_size, info.mean, info.std) for i in image_ids]
     return torch.stack(tensors)
 
 
@@ -96,13 +107,14 @@ def build_bank_task(backbone_cfg: dict, data_url: str, plan: BankPlan, device: s
     backbone = _cached_backbone(backbone_cfg, resolve_device(device))
     info = backbone_info(backbone)
     req = plan.request
-    images = read_images(data_url, req.dataset, req.category, "train", plan.image_ids, info)
+    images = read_images(data_url, req.dataset, req.category, "train", plan.image_ids, info, req.preprocess)
     bank = build_bank(backbone, images.to(next(backbone.parameters()).device), dataset=req.dataset,
                       category=req.category, seed=req.seed, image_ids=list(plan.image_ids))
     with tempfile.TemporaryDirectory(prefix="bank-") as tmp:
         save_bank(bank, tmp)
         upload_dir(tmp, plan.url, {"dataset": req.dataset, "category": req.category, "k_shot": req.k_shot,
-                                   "seed": req.seed, "image_ids": list(plan.image_ids)})
+                                   "seed": req.seed, "preprocess": req.preprocess,
+                                   "image_ids": list(plan.image_ids)})
     return plan.url
 
 
@@ -169,8 +181,10 @@ def categories_of(data_url: str, datasets: list[str] | None, categories: list[st
 
 
 def run_index(config: RunConfig) -> dict[BankRequest, BankPlan]:
-    """The `index` command: banks for every category x k x seed of the configured datasets."""
+    """The `index` command: banks for every category x k x seed of the configured datasets, preprocessed
+    as config.method declares."""
     pairs = categories_of(config.data.url, config.data.datasets, config.data.categories)
-    requests = [BankRequest(d, c, k, s)
+    preprocess = method_preprocess(config.method)
+    requests = [BankRequest(d, c, k, s, preprocess)
                 for d, c in pairs for k in config.index.shots for s in config.index.seeds]
     return ensure_banks(config, requests)

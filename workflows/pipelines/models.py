@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 from workflows import storage
 from workflows.pipelines.artifacts import local_dir
@@ -60,6 +60,15 @@ def probe_backbone(backbone: dict) -> BackboneInfo:
     if key not in _INFO_CACHE:
         _INFO_CACHE[key] = backbone_info(create_backbone_from_config(backbone, "cpu"))
     return _INFO_CACHE[key]
+
+
+def method_preprocess(method) -> str:
+    """The `residual_core.preprocess` preset of a configured method (`MethodConfig` or its dict), from
+    its name and params: resolved once on the driver, then carried by bank requests and scoring jobs."""
+    from residual_core.methods import method_preprocess as resolve
+
+    data = asdict(method) if is_dataclass(method) else dict(method)
+    return resolve(data["name"], data.get("params") or {})
 
 
 def resolve_device(device: str) -> str:

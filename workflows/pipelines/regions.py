@@ -3,7 +3,9 @@
 The top region is the connected component (8-connectivity) containing the map's maximum after
 thresholding at `median + level * (max - median)` (level 0.5 by default: pixels at least halfway from
 the typical value to the peak). Its box is given in the ORIGINAL image's pixel coordinates
-(x0, y0, x1, y1; x1/y1 exclusive) and its area as a fraction of the image.
+(x0, y0, x1, y1; x1/y1 exclusive) and its area as a fraction of the image. The map covers the part of
+the original that the preprocessing preset showed the model (`residual_core.preprocess.View`: the whole
+image, or a centre crop for `resad`), and the box is mapped back through it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ class Region:
 
 
 def top_region(anomaly_map: np.ndarray, original_size: tuple[int, int], *,
-               level: float = DEFAULT_REGION_LEVEL) -> Region:
-    """Top anomalous region of a [H, W] map, scaled to `original_size` = (width, height)."""
+               level: float = DEFAULT_REGION_LEVEL,
+               view: tuple[float, float, float, float] | None = None) -> Region:
+    """Top anomalous region of a [H, W] map in the pixels of the original image, `original_size` =
+    (width, height). `view` = (left, top, width, height): the rectangle of the original the map covers
+    (`Preprocess.view(...).as_tuple()`); None is the whole image."""
     from scipy import ndimage
 
     values = np.asarray(anomaly_map, dtype=np.float32)
@@ -47,12 +52,13 @@ def top_region(anomaly_map: np.ndarray, original_size: tuple[int, int], *,
     rows, cols = np.nonzero(component)
     height, width = values.shape
     out_w, out_h = original_size
-    sx, sy = out_w / width, out_h / height
+    left, top, view_w, view_h = view if view is not None else (0.0, 0.0, float(out_w), float(out_h))
+    sx, sy = view_w / width, view_h / height
     return Region(
-        x0=int(np.floor(cols.min() * sx)), y0=int(np.floor(rows.min() * sy)),
-        x1=int(min(out_w, np.ceil((cols.max() + 1) * sx))),
-        y1=int(min(out_h, np.ceil((rows.max() + 1) * sy))),
-        area_fraction=float(component.mean()),
+        x0=int(max(0, np.floor(left + cols.min() * sx))), y0=int(max(0, np.floor(top + rows.min() * sy))),
+        x1=int(min(out_w, np.ceil(left + (cols.max() + 1) * sx))),
+        y1=int(min(out_h, np.ceil(top + (rows.max() + 1) * sy))),
+        area_fraction=float(component.mean() * (view_w * view_h) / (out_w * out_h)),
     )
 
 

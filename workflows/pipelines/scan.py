@@ -119,8 +119,10 @@ def ensure_reference_banks(config: RunConfig, options: ScanOptions, categories: 
     """category -> bank URL (and reference ids) for every category that has references."""
     from workflows.datasets.reader import list_partitions
     from workflows.pipelines.index import BankRequest, ensure_banks, normal_train_ids
+    from workflows.pipelines.models import method_preprocess
 
     refs_url = reference_dataset(options)
+    preprocess = method_preprocess(config.method)
     by_category: dict[str, str] = {}
     for dataset, category, split in sorted(list_partitions(refs_url)):
         if split == "train" and category in categories:
@@ -130,7 +132,7 @@ def ensure_reference_banks(config: RunConfig, options: ScanOptions, categories: 
         available = len(normal_train_ids(refs_url, dataset, category))
         if available:
             requests[category] = BankRequest(dataset, category, min(options.k_shot or available, available),
-                                             options.seed)
+                                             options.seed, preprocess)
     bank_config = dataclasses.replace(config, output=options.output,
                                       data=dataclasses.replace(config.data, url=refs_url))
     plans = ensure_banks(bank_config, list(requests.values()), progress=progress) if requests else {}
@@ -173,13 +175,13 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
 
 def make_job(config: RunConfig, job_url: str, banks: dict[str, str], thresholds: dict, options: ScanOptions,
              run_id: str, save_maps: bool) -> ScoringJob:
-    from workflows.pipelines.models import probe_backbone
+    from workflows.pipelines.models import method_preprocess, probe_backbone
 
     info = probe_backbone(asdict(config.backbone))
     return ScoringJob(
         job_id=job_url.rstrip("/").rsplit("/", 1)[-1], job_url=job_url, backbone=asdict(config.backbone),
-        method=asdict(config.method), banks=banks, device=config.device, image_size=info.image_size,
-        mean=info.mean, std=info.std,
+        method=asdict(config.method), banks=banks, preprocess=method_preprocess(config.method),
+        device=config.device, image_size=info.image_size, mean=info.mean, std=info.std,
         extra={"thresholds": thresholds, "max_pixels": options.max_pixels, "save_maps": save_maps,
                "region_level": options.region_level, "run_id": run_id},
     )

@@ -1,8 +1,9 @@
 """The two Ray Data stages of `scan`, plugged into `scoring.run_scoring` (the pipeline `evaluate` uses).
 
 1. `prepare_scan_shard` (CPU task): read a shard's images (raw objects, read concurrently, or a
-   Parquet row range), decode them with the size limit, preprocess; anything unusable becomes a
-   skipped row with its reason (never an exception).
+   Parquet row range), decode them with the size limit, preprocess (the job's preset, which also says
+   which part of the original each map covers); anything unusable becomes a skipped row with its
+   reason (never an exception).
 2. `ScanActor` (the `ScoringActor` pool, same model and bank caches): scores in batches, flags against
    the category's threshold, finds the top region, renders heat maps of flagged images and commits
    the shard's tables and marker. Only a small summary goes back to the driver.
@@ -48,10 +49,12 @@ def _source_items(shard: ScanShard) -> list[tuple[str, bytes | None, str | None,
 
 def prepare_scan_shard(task: dict) -> dict:
     """Stage 1: decode and preprocess one shard; unusable images become skipped rows."""
-    from residual_core.images import ImageDecodeError, decode_image, image_to_tensor
+    from residual_core.images import ImageDecodeError, decode_image
+    from residual_core.preprocess import get_preprocess
     from workflows.datasets.schema import content_id
 
     job = ScoringJob.from_json(task["job"])
+    preset = get_preprocess(job.preprocess)
     shard = ScanShard.from_dict(json.loads(task["shard"]))
     size, max_pixels = job.image_size, int(job.extra["max_pixels"])
     has_bank = f"{shard.dataset}/{shard.category}" in job.banks
@@ -68,14 +71,15 @@ def prepare_scan_shard(task: dict) -> dict:
             continue
         try:
             image = decode_image(data, max_pixels=max_pixels)
-            images.append(image_to_tensor(image, size, tuple(job.mean), tuple(job.std)).numpy())
+            images.append(preset.image(image, size, tuple(job.mean), tuple(job.std)).numpy())
         except ImageDecodeError as exc:
             skipped.append({**row, "reason": exc.reason})
             continue
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image, not a failed job
             skipped.append({**row, "reason": f"undecodable: {type(exc).__name__}: {exc}"[:500]})
             continue
-        kept.append({**row, "width": image.size[0], "height": image.size[1]})
+        kept.append({**row, "width": image.size[0], "height": image.size[1],
+                     "view": preset.view(image.size, size).as_tuple()})
     payload = {"images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
                "kept": kept, "skipped": skipped}
     return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}
@@ -118,7 +122,8 @@ class ScanActor(ScoringActor):
                 for name, value in out.branch_scores.items():
                     branches.setdefault(name, []).append(value.detach().float().cpu().numpy())
                 for i, row in enumerate(rows):
-                    regions.append(top_region(anomaly_maps[i], (row["width"], row["height"]), level=level))
+                    regions.append(top_region(anomaly_maps[i], (row["width"], row["height"]), level=level,
+                                              view=row["view"]))
                     flagged = threshold is not None and float(batch_scores[i]) > threshold
                     flags.append(flagged)
                     if flagged and save_maps:

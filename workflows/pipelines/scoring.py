@@ -31,6 +31,7 @@ class ScoringJob:
     backbone: dict  # BackboneConfig as dict: spec, layers, image_size
     method: dict  # MethodConfig as dict: name, params, checkpoint
     banks: dict[str, str]  # "dataset/category" -> bank URL
+    preprocess: str | None = None  # residual_core.preprocess preset; None: the method's (resolved here)
     device: str = "auto"
     image_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -43,6 +44,14 @@ class ScoringJob:
     pixel_gt: dict[str, bool] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            if not self.method.get("name"):
+                raise ValueError(f"job {self.job_id}: no preprocess preset and no method to take it from")
+            from workflows.pipelines.models import method_preprocess
+
+            self.preprocess = method_preprocess(self.method)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -52,11 +61,14 @@ class ScoringJob:
 
 
 def prepare_shard(task: dict) -> dict:
-    """Stage 1 (CPU): read and preprocess one shard into arrays (pickled, one row per shard)."""
-    from residual_core.images import decode_image, decode_mask, image_to_tensor, mask_to_tensor
+    """Stage 1 (CPU): read one shard and preprocess it with the job's preset into arrays (pickled, one
+    row per shard)."""
+    from residual_core.images import decode_image, decode_mask
+    from residual_core.preprocess import get_preprocess
 
     job = ScoringJob.from_json(task["job"])
     shard = Shard.from_dict(json.loads(task["shard"]))
+    preset = get_preprocess(job.preprocess)
     table = read_shard(shard).to_pylist()
     size = job.image_size
     pixel_gt = job.pixel_gt.get(f"{shard.dataset}/{shard.category}", False)
@@ -67,8 +79,8 @@ def prepare_shard(task: dict) -> dict:
             mask = None
             if row["mask"] is not None:
                 mask = decode_mask(row["mask"], image.size)
-            images.append(image_to_tensor(image, size, tuple(job.mean), tuple(job.std)).numpy())
-            masks.append(mask_to_tensor(mask, size)[0].numpy().astype(np.uint8))
+            images.append(preset.image(image, size, tuple(job.mean), tuple(job.std)).numpy())
+            masks.append(preset.mask(mask, size)[0].numpy().astype(np.uint8))
         except Exception as exc:  # noqa: BLE001 - any unreadable row is recorded, the run goes on
             skipped.append({**_meta(row), "skip_reason": f"{type(exc).__name__}: {exc}"[:500]})
             continue

@@ -18,7 +18,13 @@ from dataclasses import asdict, dataclass, field
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig
 from workflows.pipelines.index import categories_of, normal_train_ids, read_images
-from workflows.pipelines.models import backbone_info, content_key, probe_backbone, resolve_device
+from workflows.pipelines.models import (
+    backbone_info,
+    content_key,
+    method_preprocess,
+    probe_backbone,
+    resolve_device,
+)
 
 LOG_NAME = "train_log.json"
 # 2: normal `train` pools for methods that use them (ResAD++ as its authors), provenance in the log
@@ -49,35 +55,39 @@ def checkpoint_url(config: RunConfig, spec: TrainSpec, identity_key: str) -> str
     method = {k: v for k, v in asdict(spec.method).items() if k != "checkpoint"}
     key = content_key({
         "data": config.data.url, "datasets": sorted(spec.datasets), "categories": config.data.categories,
-        "backbone": identity_key, "method": method, "seed": spec.seed, "ref_shot": config.train.ref_shot,
+        "backbone": identity_key, "method": method, "preprocess": method_preprocess(spec.method),
+        "seed": spec.seed, "ref_shot": config.train.ref_shot,
         "cap": config.train.max_images_per_category, "train_data": TRAIN_DATA_FORMAT,
     })
     return storage.join(config.output, "checkpoints", spec.method.name, key)
 
 
-def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info, *,
+def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, info, preprocess: str, *,
                     normal_pool: bool = False) -> tuple[list, dict, dict]:
     """CategoryTrainData for every category of the auxiliary datasets; contributions; reference ids.
 
     Every category gets its labelled `test` images (`images`) and `train.ref_shot` fixed normal `train`
     references; with `normal_pool` (methods with `uses_normal_pool`) also all its normal `train` images
-    as a uint8 `ImagePool`. `train.max_images_per_category` caps the test images and the pool, each to
-    a deterministic subset of that size; the fixed references are not capped.
+    as a uint8 `ImagePool`. Images and masks go through the `preprocess` preset.
+    `train.max_images_per_category` caps the test images and the pool, each to a deterministic subset of
+    that size; the fixed references are not capped.
     """
     import torch
 
     from residual_core.bank import select_reference_ids
-    from residual_core.images import decode_image, decode_mask, image_to_tensor, mask_to_tensor
+    from residual_core.images import decode_image, decode_mask
     from residual_core.methods import CategoryTrainData
+    from residual_core.preprocess import get_preprocess
     from workflows.datasets.reader import read_table
 
+    preset = get_preprocess(preprocess)
     data, contributions, references = [], {}, {}
     cap = config.train.max_images_per_category
     size = info.image_size
     for dataset, category in categories_of(config.data.url, list(datasets), config.data.categories):
         train_ids = normal_train_ids(config.data.url, dataset, category)
         ref_ids = select_reference_ids(train_ids, config.train.ref_shot, seed)
-        refs = read_images(config.data.url, dataset, category, "train", ref_ids, info)
+        refs = read_images(config.data.url, dataset, category, "train", ref_ids, info, preprocess)
         table = read_table(config.data.url, columns=["image_id", "label", "image", "mask"],
                            filters=[("dataset", "==", dataset), ("category", "==", category),
                                     ("split", "==", "test")])
@@ -94,15 +104,15 @@ def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, inf
             except Exception:  # noqa: BLE001 - corrupt training rows are counted and left out
                 skipped += 1
                 continue
-            images.append(image_to_tensor(image, size, info.mean, info.std))
-            masks.append(mask_to_tensor(mask, size))
+            images.append(preset.image(image, size, info.mean, info.std))
+            masks.append(preset.mask(mask, size))
             labels.append(int(row["label"]))
             has_mask.append(mask is not None or row["label"] == 0)
         pool, pool_skipped = None, 0
         if normal_pool:
             pool_ids = train_ids if cap is None or len(train_ids) <= cap else sorted(
                 select_reference_ids(train_ids, cap, seed))
-            pool, pool_skipped = _read_normal_pool(config.data.url, dataset, category, pool_ids, info)
+            pool, pool_skipped = _read_normal_pool(config.data.url, dataset, category, pool_ids, info, preset)
         if not images and not (pool is not None and len(pool)):
             continue
         with_masks = sum(1 for flag, label in zip(has_mask, labels, strict=True) if flag and label == 1)
@@ -132,13 +142,13 @@ def load_train_data(config: RunConfig, datasets: tuple[str, ...], seed: int, inf
     return data, contributions, references
 
 
-def _read_normal_pool(data_url: str, dataset: str, category: str, image_ids: list[str], info,
+def _read_normal_pool(data_url: str, dataset: str, category: str, image_ids: list[str], info, preset,
                       chunk: int = 64):
     """The given normal `train` images as an ImagePool (uint8, in the order of `image_ids`), streamed in
     chunks so only one chunk of encoded bytes is held; corrupt images are counted and left out."""
     import torch
 
-    from residual_core.images import decode_image, image_to_tensor
+    from residual_core.images import decode_image
     from residual_core.methods import ImagePool
     from workflows.datasets.reader import iter_batches
 
@@ -151,7 +161,7 @@ def _read_normal_pool(data_url: str, dataset: str, category: str, image_ids: lis
             ids, encoded = batch.column("image_id").to_pylist(), batch.column("image").to_pylist()
             for image_id, data in zip(ids, encoded, strict=True):
                 try:
-                    tensor = image_to_tensor(decode_image(data), info.image_size, info.mean, info.std)
+                    tensor = preset.image(decode_image(data), info.image_size, info.mean, info.std)
                 except Exception:  # noqa: BLE001 - corrupt training rows are counted and left out
                     skipped += 1
                     continue
@@ -177,6 +187,7 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
 
     method = create_method(spec.method.name, backbone, **spec.method.params).to(device)
     data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info,
+                                                      method_preprocess(spec.method),
                                                       normal_pool=method.uses_normal_pool)
     if not data:
         raise ValueError(f"training on {spec.datasets}: no labelled test images or normal train images")

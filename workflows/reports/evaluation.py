@@ -77,8 +77,10 @@ def _caption(candidate: Candidate) -> str:
 
 def gallery_tiles(job_url: str, shards: list[Shard], groups: dict[str, list[Candidate]],
                   with_maps: bool) -> dict[str, list[GalleryTile]]:
-    """Load the chosen images' maps and originals (one shard at a time) and make the tiles."""
+    """Load the chosen images' maps and originals (one shard at a time) and make the tiles; originals
+    are shown as the job's preprocessing preset showed them to the model."""
     by_id = {s.shard_id: s for s in shards}
+    preprocess = job_outputs.job_preprocess(job_url)
     chosen: dict[str, list[str]] = {}
     for members in groups.values():
         for candidate in members:
@@ -89,7 +91,7 @@ def gallery_tiles(job_url: str, shards: list[Shard], groups: dict[str, list[Cand
         maps.update(shard_maps)
         size = next(iter(shard_maps.values())).shape if shard_maps else None
         try:
-            originals.update(job_outputs.load_originals(by_id[shard_id], ids, size))
+            originals.update(job_outputs.load_originals(by_id[shard_id], ids, size, preprocess))
         except Exception as exc:  # noqa: BLE001 - the dataset may have moved; maps alone still help
             warnings.warn(f"gallery: originals of shard {shard_id} unreadable ({exc}); maps only",
                           stacklevel=2)

@@ -72,14 +72,21 @@ def load_maps(job_url: str, shard_id: str, image_ids: Iterable[str]) -> dict[str
         return {name: np.asarray(archive[name], dtype=np.float32) for name in archive.files if name in wanted}
 
 
-def load_originals(shard: Shard, image_ids: Iterable[str],
-                   size: tuple[int, int] | None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """image id -> (RGB uint8 [H, W, 3], mask bool [H, W] or None) for the ids in ``shard``, resized to
-    ``size`` (H, W) as the model saw them, or at most 256 px on the long side when ``size`` is None."""
+def load_originals(shard: Shard, image_ids: Iterable[str], size: tuple[int, int] | None,
+                   preprocess: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """image id -> (RGB uint8 [H, W, 3], mask bool [H, W] or None) for the ids in ``shard``: with a
+    square ``size`` (S, S) and the job's ``preprocess`` preset, exactly the model's view (a centre crop
+    for ``resad``) and the mask as it was scored; with a ``size`` only, the whole image resized to it;
+    at most 256 px on the long side when ``size`` is None."""
     from PIL import Image
 
     from residual_core.images import decode_image, decode_mask
 
+    preset = None
+    if preprocess is not None and size is not None and size[0] == size[1]:
+        from residual_core.preprocess import get_preprocess
+
+        preset = get_preprocess(preprocess)
     wanted = set(image_ids)
     table = read_shard(shard, columns=("image_id", "image", "mask"))
     out = {}
@@ -88,6 +95,10 @@ def load_originals(shard: Shard, image_ids: Iterable[str],
             continue
         image = decode_image(row["image"])
         mask = decode_mask(row["mask"], image.size) if row["mask"] is not None else None
+        if preset is not None:
+            shown = None if mask is None else preset.mask(mask, size[0])[0].numpy() > 0.5
+            out[row["image_id"]] = (preset.display(image, size[0]), shown)
+            continue
         target = (size[1], size[0]) if size else _thumbnail_size(image.size, 256)
         resized = np.asarray(image.resize(target, Image.Resampling.BICUBIC), dtype=np.uint8)
         if mask is not None:
@@ -101,6 +112,15 @@ def _thumbnail_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
     width, height = size
     scale = min(1.0, longest / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def job_preprocess(job_url: str) -> str | None:
+    """The preprocessing preset the job's images went through (its committed metrics.json;
+    "torch-bicubic" for jobs evaluated before presets existed); None without a metrics.json."""
+    url = storage.join(job_url, "metrics.json")
+    if not storage.exists(url):
+        return None
+    return storage.read_json(url).get("preprocess", "torch-bicubic")
 
 
 def job_title(job_url: str) -> str:

@@ -4,6 +4,8 @@
 `docs/methods/res2clip.md` for every formula and default and where it comes from in the authors' code.
 """
 
+from dataclasses import replace
+
 from residual_core.methods.registry import register_method
 from residual_core.methods.res2clip.config import (
     BranchWeights,
@@ -27,7 +29,21 @@ __all__ = [
 ]
 
 
-@register_method("res2clip")
+def res2clip_preprocess(params: dict) -> str:
+    """The preset a `create_method("res2clip", ...)` with these keyword arguments uses (a checkpoint's
+    saved config unless `preprocess` is given, else `mode`'s defaults)."""
+    params = dict(params)
+    checkpoint = params.pop("checkpoint", None)
+    if checkpoint is not None:
+        from residual_core.methods.res2clip.checkpoint import read_header
+
+        saved = Res2ClipConfig.from_dict(read_header(checkpoint)["config"])
+        return replace(saved, **params).preprocess if params else saved.preprocess
+    mode = params.pop("mode", "training-free")
+    return default_config(mode, **params).preprocess
+
+
+@register_method("res2clip", preprocess=res2clip_preprocess)
 def build_res2clip(backbone, **config) -> Res2Clip:
     """Builder for the registry: `mode` picks the authors' defaults, other keys override them.
 

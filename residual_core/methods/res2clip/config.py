@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 from residual_core.methods.base import MethodError
+from residual_core.preprocess import PREPROCESS_NAMES
 
 Mode = Literal["training-free", "finetune"]
 BRANCHES: tuple[str, ...] = ("text", "visual", "residual")
@@ -73,6 +74,9 @@ class Res2ClipConfig:
     pixel_weights: BranchWeights = field(default_factory=lambda: BranchWeights(0.1, 1.0, 1.0))
     image_weights: BranchWeights = field(default_factory=lambda: BranchWeights(1.0, 1.0, 1.0))
     adapter_reduction: int = 4  # adapter.py: reduction=4
+    # image/mask preprocessing preset (residual_core.preprocess): the authors' PIL Resize((S, S)) bicubic,
+    # masks bilinear > 0.5 (utils/utils.py get_transform, test.py)
+    preprocess: str = "res2clip"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,9 @@ class Res2ClipConfig:
             raise MethodError(f"res2clip: top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.gaussian_kernel_size < 1 or self.gaussian_kernel_size % 2 == 0:
             raise MethodError(f"res2clip: gaussian_kernel_size must be odd, got {self.gaussian_kernel_size}")
+        if self.preprocess not in PREPROCESS_NAMES:
+            raise MethodError(f"res2clip: preprocess must be one of {PREPROCESS_NAMES}, "
+                              f"got {self.preprocess!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -120,6 +120,11 @@ class Res2Clip(AnomalyMethod):
         self.backbone.eval()
         return self
 
+    @property
+    def preprocess(self) -> str:
+        """The residual_core.preprocess preset of this method's images and masks (config.preprocess)."""
+        return self.config.preprocess
+
     def config_dict(self) -> dict:
         """JSON-ready hyper-parameters plus the layers and branches resolved for this backbone."""
         return json.loads(json.dumps({**self.config.to_dict(), "resolved": self.plan.to_dict()}))

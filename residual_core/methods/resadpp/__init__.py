@@ -7,7 +7,12 @@ from residual_core.methods.resadpp.config import ResADppConfig, make_config
 from residual_core.methods.resadpp.method import ResADpp
 
 
-@register_method("resadpp")
+def resadpp_preprocess(params: dict) -> str:
+    """The preset a `create_method("resadpp", ...)` with these keyword arguments uses."""
+    return make_config(**params).preprocess
+
+
+@register_method("resadpp", preprocess=resadpp_preprocess)
 def build_resadpp(backbone, **config) -> ResADpp:
     """Registry builder: `create_method("resadpp", backbone, preset="cnn", epochs=..., ...)`."""
     return ResADpp(backbone, make_config(**config))

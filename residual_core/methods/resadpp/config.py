@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from residual_core.methods.base import MethodError
+from residual_core.preprocess import PREPROCESS_NAMES
 
 CONSTRAINTORS = ("conv", "mlp_se")
 FLOW_OBJECTIVES = ("logsigmoid", "combined")
@@ -61,12 +62,16 @@ class ResADppConfig:
     # scoring (validate.py)
     smoothing_sigma: float = 4.0
     score_normalisation: str = "test_set"  # how evaluate normalises (SCORE_NORMALISATIONS)
+    # image/mask preprocessing preset (residual_core.preprocess), both presets: Resize(S, BICUBIC) +
+    # CenterCrop(S), masks Resize(S, NEAREST) + CenterCrop(S) (datasets/mvtec.py, datasets/visa.py)
+    preprocess: str = "resad"
 
     def __post_init__(self) -> None:
         _check_choice("constraintor", self.constraintor, CONSTRAINTORS)
         _check_choice("flow_objective", self.flow_objective, FLOW_OBJECTIVES)
         _check_choice("mask_downsampling", self.mask_downsampling, MASK_DOWNSAMPLING)
         _check_choice("score_normalisation", self.score_normalisation, SCORE_NORMALISATIONS)
+        _check_choice("preprocess", self.preprocess, PREPROCESS_NAMES)
         if self.pos_embed_dim % 4 != 0:
             raise MethodError(f"pos_embed_dim must be a multiple of 4, got {self.pos_embed_dim}")
         for name in ("epochs", "batch_size", "position_batch", "coupling_layers", "num_embeddings",

@@ -61,6 +61,11 @@ class ResADpp(AnomalyMethod):
         state["logp_offsets"] = self.logp_offsets
         return state
 
+    @property
+    def preprocess(self) -> str:
+        """The residual_core.preprocess preset of this method's images and masks (config.preprocess)."""
+        return self.config.preprocess
+
     def config_dict(self) -> dict:
         return self.config.to_dict()
 

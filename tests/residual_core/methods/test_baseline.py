@@ -42,7 +42,8 @@ def test_baseline_scores_zero_on_references_and_flags_the_defect():
     torch.manual_seed(0)
     backbone = GridBackbone()
     method = create_method("baseline", backbone)
-    assert method.trainable is False and method.config_dict() == {"normalize": True}
+    assert method.trainable is False
+    assert method.config_dict() == {"normalize": True, "preprocess": "res2clip"}
     references = torch.rand(2, 3, 16, 16)
     bank = FakeBank(backbone, references)
     defective = references[:1].clone()

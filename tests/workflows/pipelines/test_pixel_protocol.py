@@ -60,11 +60,13 @@ def _test_rows(data_url: str, dataset: str, category: str) -> dict[str, dict]:
     return {r["image_id"]: r for r in table.to_pylist()}
 
 
-def _mask(row: dict, size: int) -> np.ndarray:
-    from residual_core.images import decode_image, decode_mask, mask_to_tensor
+def _mask(row: dict, size: int, preprocess: str) -> np.ndarray:
+    """The row's mask as the pipeline scores it (the method's preset); all zeros for a normal image."""
+    from residual_core.images import decode_image, decode_mask
+    from residual_core.preprocess import get_preprocess
 
     mask = decode_mask(row["mask"], decode_image(row["image"]).size) if row["mask"] is not None else None
-    return mask_to_tensor(mask, size)[0].numpy() > 0.5
+    return get_preprocess(preprocess).mask(mask, size)[0].numpy() > 0.5
 
 
 def _maps(job_url: str) -> dict[str, np.ndarray]:
@@ -95,7 +97,7 @@ def test_pixel_metrics_count_normal_images_as_zero_masks(local_ray, data_url, tm
         # pixel protocol: normal images (zero masks) and anomalous images with a mask; not the unmasked one
         pixel_ids = [i for i in ids if rows[i]["label"] == 0 or rows[i]["mask"] is not None]
         stack = np.stack([maps[i] for i in pixel_ids]).astype(np.float32)
-        masks = np.stack([_mask(rows[i], stack.shape[-1]) for i in pixel_ids])
+        masks = np.stack([_mask(rows[i], stack.shape[-1], "res2clip") for i in pixel_ids])  # the baseline's
         metrics = result.per_category[f"textures/{category}"]
         p_auroc, p_ap, p_f1 = sklearn_metrics(masks, stack)
         i_auroc, i_ap, i_f1 = sklearn_metrics(labels, np.array([scores[i] for i in ids], np.float32))
@@ -117,7 +119,8 @@ def test_resadpp_set_normalisation_is_finished_per_category(local_ray, data_url,
     computed in memory on the same inputs; an interrupted run resumes to the same results."""
     import torch
 
-    from residual_core.images import decode_image, image_to_tensor
+    from residual_core.images import decode_image
+    from residual_core.preprocess import get_preprocess
     from workflows.pipelines.models import load_bank_url, load_method
     from workflows.pipelines.scoring import ScoringJob
 
@@ -138,8 +141,9 @@ def test_resadpp_set_normalisation_is_finished_per_category(local_ray, data_url,
         dataset, category = name.split("/")
         rows = _test_rows(data_url, dataset, category)
         ids = sorted(i for i in rows if pipeline.get(i, {}).get("status") == "scored")
-        images = torch.stack([image_to_tensor(decode_image(rows[i]["image"]), job.image_size, job.mean,
-                                              job.std) for i in ids])
+        preset = get_preprocess(job.preprocess)
+        images = torch.stack([preset.image(decode_image(rows[i]["image"]), job.image_size, job.mean, job.std)
+                              for i in ids])
         raw = method.score_raw(images, load_bank_url(bank_url, "cpu"))
         out = normaliser.finish(raw, normaliser.statistics(lambda raw=raw: iter([raw])))
         expected = out.image_score.numpy()
@@ -153,13 +157,15 @@ def _job_json(config, result):
     from dataclasses import asdict
 
     from workflows.pipelines.index import BankRequest, ensure_banks
-    from workflows.pipelines.models import probe_backbone
+    from workflows.pipelines.models import method_preprocess, probe_backbone
     from workflows.pipelines.scoring import ScoringJob
 
     info = probe_backbone(asdict(config.backbone))
+    preprocess = method_preprocess(config.method)
     pairs = [name.split("/") for name in result.per_category]
-    plans = ensure_banks(config, [BankRequest(d, c, 1, 0) for d, c in pairs], progress=False)
-    banks = {f"{d}/{c}": plans[BankRequest(d, c, 1, 0)].url for d, c in pairs}
+    requests = {f"{d}/{c}": BankRequest(d, c, 1, 0, preprocess) for d, c in pairs}
+    plans = ensure_banks(config, list(requests.values()), progress=False)
+    banks = {name: plans[request].url for name, request in requests.items()}
     return ScoringJob(job_id="check", job_url=result.job_url, backbone=asdict(config.backbone),
-                      method=asdict(config.method), banks=banks, image_size=info.image_size,
-                      mean=info.mean, std=info.std).to_json()
+                      method=asdict(config.method), banks=banks, preprocess=preprocess,
+                      image_size=info.image_size, mean=info.mean, std=info.std).to_json()

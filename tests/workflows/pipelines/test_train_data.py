@@ -37,8 +37,9 @@ def _info(config):
 def test_pool_holds_every_normal_train_image_and_images_the_test_split(tiny_data, tmp_path):
     config = _config(tiny_data, tmp_path)
     info = _info(config)
-    plain, plain_contrib, plain_refs = load_train_data(config, ("textures", "labels"), 0, info)
-    pooled, contrib, refs = load_train_data(config, ("textures", "labels"), 0, info, normal_pool=True)
+    datasets = ("textures", "labels")
+    plain, plain_contrib, plain_refs = load_train_data(config, datasets, 0, info, "torch-bicubic")
+    pooled, contrib, refs = load_train_data(config, datasets, 0, info, "torch-bicubic", normal_pool=True)
     assert [c.name for c in pooled] == ["labels/camera", "textures/brick", "textures/grass"]
     assert refs == plain_refs
     for without, cat in zip(plain, pooled, strict=True):
@@ -51,7 +52,7 @@ def test_pool_holds_every_normal_train_image_and_images_the_test_split(tiny_data
         pool = cat.normal_pool
         assert pool.split == "train" and len(pool) == N_TRAIN and pool.pixels.dtype == torch.uint8
         ids = normal_train_ids(config.data.url, cat.dataset, cat.category)
-        decoded = read_images(config.data.url, cat.dataset, cat.category, "train", ids, info)
+        decoded = read_images(config.data.url, cat.dataset, cat.category, "train", ids, info, "torch-bicubic")
         assert torch.allclose(pool.images(), decoded, atol=0.51 / 255 / min(info.std) + 1e-6)
     assert contrib["textures"]["train_normal_images"] == 2 * N_TRAIN
     assert plain_contrib["textures"]["train_normal_images"] == 0
@@ -59,7 +60,7 @@ def test_pool_holds_every_normal_train_image_and_images_the_test_split(tiny_data
 
 def test_cap_applies_to_the_test_images_and_to_the_pool(tiny_data, tmp_path):
     config = _config(tiny_data, tmp_path, "train.max_images_per_category=3")
-    data, _, _ = load_train_data(config, ("textures",), 0, _info(config), normal_pool=True)
+    data, _, _ = load_train_data(config, ("textures",), 0, _info(config), "resad", normal_pool=True)
     for cat in data:
         assert cat.images.shape[0] == 3 and len(cat.normal_pool) == 3 and cat.references.shape[0] == 2
 

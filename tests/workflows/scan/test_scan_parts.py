@@ -23,6 +23,24 @@ def test_top_region_finds_the_hot_component_in_original_coordinates():
     assert region.area_fraction == pytest.approx(6 * 8 / 32**2)
 
 
+def test_top_region_maps_back_through_a_centre_crop():
+    """With the `resad` preset the map covers a centre crop: the box lands on the defect's original pixels."""
+    from residual_core.preprocess import get_preprocess
+
+    original = np.zeros((100, 200, 3), np.uint8)
+    original[40:60, 110:130] = 255  # the defect: x 110..130, y 40..60
+    image = Image.fromarray(original)
+    preset, size = get_preprocess("resad"), 50
+    seen = preset.display(image, size)[..., 0].astype(np.float32) / 255  # as an anomaly map
+    view = preset.view(image.size, size).as_tuple()
+    assert view == (50.0, 0.0, 100.0, 100.0)
+    region = top_region(seen, image.size, view=view)
+    assert all(abs(a - b) <= 2 for a, b in zip(region.bbox(), [110, 40, 130, 60], strict=True)), region
+    assert region.area_fraction == pytest.approx((seen >= 0.5).mean() * 0.5)  # crop = half the image
+    naive = top_region(seen, image.size)  # ignoring the crop puts the box elsewhere
+    assert abs(naive.x1 - 130) >= 20  # [120, 40, 160, 60]: stretched over the whole width
+
+
 def test_top_region_of_a_flat_map_is_the_whole_image_and_bad_maps_are_refused():
     assert top_region(np.zeros((8, 8)), (10, 10)).bbox() == [0, 0, 10, 10]
     with pytest.raises(ValueError, match="2-D"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from residual_core.backbones import create_backbone
-from residual_core.methods import MethodError, create_method
+from residual_core.methods import MethodError, create_method, method_preprocess
 from residual_core.methods.res2clip import Res2Clip
 from residual_core.methods.res2clip.checkpoint import HEADER_FILE, WEIGHTS_FILE
 
@@ -37,6 +37,9 @@ def test_round_trip_gives_identical_scores(tuned, clip_backbone, tmp_path):
     loaded = create_method("res2clip", clip_backbone, checkpoint=tmp_path / "ckpt")
     assert isinstance(loaded, Res2Clip) and loaded.plan == tuned.plan
     assert loaded.training_datasets == tuned.training_datasets
+    assert header["config"]["preprocess"] == loaded.preprocess == "res2clip"  # the preset travels too
+    assert method_preprocess("res2clip", {"checkpoint": tmp_path / "ckpt"}) == "res2clip"
+    assert method_preprocess("res2clip", {"checkpoint": tmp_path / "ckpt", "preprocess": "resad"}) == "resad"
     bank = make_bank(clip_backbone, textured_images(1, 64, seed=5))
     queries = textured_images(2, 64, seed=6)
     expected, actual = tuned.score(queries, bank), loaded.score(queries, bank)

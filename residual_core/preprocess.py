@@ -1,0 +1,221 @@
+"""Preprocessing presets: a decoded image (and its mask) -> the model's S x S input, as each method's
+authors prepare it. Every method declares one by name in its config (`preprocess`); every pipeline
+(banks, training, evaluation, scan, reports) uses the method's preset for images and masks alike.
+
+- `res2clip` (Res2CLIP `utils/utils.py:get_transform`, `test.py`): image: PIL bicubic resize of the
+  whole image to S x S (8-bit result), `ToTensor`, normalise. Mask: PIL bilinear resize of the 0/255
+  mask to S x S, then `/255 > 0.5`.
+- `resad` (ResAD `datasets/mvtec.py`, `datasets/visa.py`, `img_size = crp_size = msk_size = 224`):
+  image: PIL bicubic resize of the shorter side to S (longer side `int(S * long / short)`), centre
+  crop S x S, `ToTensor`, normalise. Mask: PIL nearest resize of the shorter side to S, same crop.
+- `torch-bicubic` (the project's earlier fast path, `residual_core.images.image_to_tensor`): one float
+  torch bicubic antialiased resize of the whole image to S x S, normalise; masks torch nearest.
+
+Mean and std come from the backbone (`Backbone.mean/std`); both authors normalise with their
+backbone's constants (OpenAI CLIP for CLIP / ImageBind, ImageNet for wide_resnet50_2).
+Images are decoded to 8-bit RGB by `residual_core.images.decode_image` first (the one decoding place);
+masks are boolean arrays from `decode_mask` (nonzero = anomalous). `View` says which part of the
+original image the S x S input shows, so a box on the model's grid maps back to original pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from residual_core.images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, mask_to_tensor, to_rgb
+
+if TYPE_CHECKING:  # torch is imported lazily, as in residual_core.images
+    import torch
+
+Mean = tuple[float, float, float]
+
+
+class PreprocessError(ValueError):
+    """An unknown preset name or an unusable size."""
+
+
+@dataclass(frozen=True)
+class View:
+    """The rectangle of the original image that the model's S x S input shows, in original pixels.
+
+    Model pixel column c (of S) covers x in [left + c * width / S, left + (c + 1) * width / S); rows
+    likewise with top / height. A whole-image preset has View(0, 0, image width, image height)."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.left, self.top, self.width, self.height)
+
+
+class Preprocess:
+    """One preset. Subclasses define the geometry and the resampling; `image`/`mask` are the contract."""
+
+    name: str = ""
+
+    def view(self, original_size: tuple[int, int], size: int) -> View:
+        """Which part of an image of `original_size` = (width, height) the S x S input shows."""
+        width, height = original_size
+        return View(0.0, 0.0, float(width), float(height))
+
+    def pixels(self, image: Image.Image, size: int) -> Image.Image:
+        """The 8-bit RGB S x S picture the model sees (before ToTensor and normalisation)."""
+        raise NotImplementedError
+
+    def image(self, image: Image.Image, size: int, mean: Mean = IMAGENET_MEAN,
+              std: Mean = IMAGENET_STD) -> torch.Tensor:
+        """Decoded image -> normalised float32 tensor [3, S, S] (ToTensor then Normalize)."""
+        return _normalise(_to_unit_tensor(self.pixels(to_rgb(image), _check_size(size))), mean, std)
+
+    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
+        """Boolean mask [H, W] (None: all normal) -> float32 tensor [1, S, S] in {0, 1}."""
+        raise NotImplementedError
+
+    def display(self, image: Image.Image, size: int) -> np.ndarray:
+        """uint8 [S, S, 3]: the model's view of the image, to show under its anomaly map."""
+        return np.asarray(self.pixels(to_rgb(image), _check_size(size)), dtype=np.uint8)
+
+
+class SquarePil(Preprocess):
+    """Res2CLIP: `Resize((S, S), BICUBIC)` on the PIL image (then a no-op `CenterCrop(S)`); masks
+    `Resize((S, S))` (torchvision's default, bilinear) and thresholded at 0.5 after `ToTensor`."""
+
+    name = "res2clip"
+
+    def pixels(self, image: Image.Image, size: int) -> Image.Image:
+        return _pil_resize(image, (size, size), Image.Resampling.BICUBIC)
+
+    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
+        import torch
+
+        size = _check_size(size)
+        if mask is None:
+            return torch.zeros(1, size, size)
+        resized = _pil_resize(_mask_image(mask), (size, size), Image.Resampling.BILINEAR)
+        unit = _to_unit_tensor(resized)  # as ToTensor: uint8 / 255 in float32
+        return (unit > 0.5).float()
+
+
+class ShortSideCropPil(Preprocess):
+    """ResAD: `Resize(S, BICUBIC)` (shorter side to S) then `CenterCrop(S)`; masks `Resize(S, NEAREST)`
+    then the same `CenterCrop(S)`."""
+
+    name = "resad"
+
+    @staticmethod
+    def resized_size(original_size: tuple[int, int], size: int) -> tuple[int, int]:
+        """(width, height) after the shorter side goes to S (torchvision's rule: int(S * long / short))."""
+        width, height = original_size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(size * long / short)
+        return (size, new_long) if width <= height else (new_long, size)
+
+    @staticmethod
+    def crop_origin(resized: tuple[int, int], size: int) -> tuple[int, int]:
+        """(left, top) of the centre crop in the resized image (torchvision: int(round((n - S) / 2)))."""
+        width, height = resized
+        return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+    def view(self, original_size: tuple[int, int], size: int) -> View:
+        size = _check_size(size)
+        width, height = original_size
+        resized = self.resized_size(original_size, size)
+        left, top = self.crop_origin(resized, size)
+        sx, sy = width / resized[0], height / resized[1]
+        return View(left * sx, top * sy, size * sx, size * sy)
+
+    def _geometry(self, image: Image.Image, size: int, resample) -> Image.Image:
+        resized = _pil_resize(image, self.resized_size(image.size, size), resample)
+        left, top = self.crop_origin(resized.size, size)
+        return resized.crop((left, top, left + size, top + size))
+
+    def pixels(self, image: Image.Image, size: int) -> Image.Image:
+        return self._geometry(image, size, Image.Resampling.BICUBIC)
+
+    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
+        import torch
+
+        size = _check_size(size)
+        if mask is None:
+            return torch.zeros(1, size, size)
+        cropped = self._geometry(_mask_image(mask), size, Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(cropped) != 0).float()[None]
+
+
+class TorchBicubic(Preprocess):
+    """The fast path: `residual_core.images.image_to_tensor` / `mask_to_tensor` (float torch bicubic,
+    antialiased, whole image to S x S; masks nearest). Not either author's resampling."""
+
+    name = "torch-bicubic"
+
+    def image(self, image: Image.Image, size: int, mean: Mean = IMAGENET_MEAN,
+              std: Mean = IMAGENET_STD) -> torch.Tensor:
+        return image_to_tensor(image, _check_size(size), mean, std)
+
+    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
+        return mask_to_tensor(mask, _check_size(size))
+
+    def pixels(self, image: Image.Image, size: int) -> Image.Image:
+        import torch
+
+        unit = image_to_tensor(image, _check_size(size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        array = unit.mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+_PRESETS: dict[str, Preprocess] = {p.name: p for p in (SquarePil(), ShortSideCropPil(), TorchBicubic())}
+PREPROCESS_NAMES: tuple[str, ...] = tuple(_PRESETS)
+
+
+def get_preprocess(name: str) -> Preprocess:
+    """The preset called `name`; an unknown name raises PreprocessError listing the choices."""
+    try:
+        return _PRESETS[name]
+    except (KeyError, TypeError):
+        raise PreprocessError(f"unknown preprocess preset {name!r}; choose from {PREPROCESS_NAMES}") from None
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise PreprocessError(f"size must be a positive int (the model's S x S input), got {size!r}")
+    return int(size)
+
+
+def _pil_resize(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:
+    """`image.resize` as torchvision calls it on PIL input (PIL always antialiases bilinear/bicubic)."""
+    if image.size == tuple(size):  # torchvision returns the input unchanged when the size already fits
+        return image
+    return image.resize(tuple(size), resample)
+
+
+def _mask_image(mask: np.ndarray) -> Image.Image:
+    """Boolean mask -> 8-bit L image 0/255, the form both authors' mask transforms receive."""
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise PreprocessError(f"mask must be a 2-D array [H, W], got shape {array.shape}")
+    return Image.fromarray((array != 0).astype(np.uint8) * 255, mode="L")
+
+
+def _to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """torchvision `ToTensor` for 8-bit images: [C, H, W] float32 in [0, 1]."""
+    import torch
+
+    array = np.array(image, dtype=np.uint8, copy=True)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
+def _normalise(tensor: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:
+    import torch
+
+    mean_t = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
