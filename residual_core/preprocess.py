@@ -8,6 +8,11 @@ authors prepare it. Every method declares one by name in its config (`preprocess
 - `resad` (ResAD `datasets/mvtec.py`, `datasets/visa.py`, `img_size = crp_size = msk_size = 224`):
   image: PIL bicubic resize of the shorter side to S (longer side `int(S * long / short)`), centre
   crop S x S, `ToTensor`, normalise. Mask: PIL nearest resize of the shorter side to S, same crop.
+- `patchcore` (PatchCore `datasets/mvtec.py`, `resize=256`, `imagesize=224`): image: PIL bilinear
+  (torchvision's default) resize of the shorter side to round(S * 256 / 224) (256 for S = 224, 366 for
+  their S = 320 runs), centre crop S x S, `ToTensor`, normalise. Mask: the same bilinear resize and
+  crop; a pixel is anomalous only where the resized mask is exactly 255 (their metrics cast the [0, 1]
+  mask with `astype(int)`).
 - `torch-bicubic` (the project's earlier fast path, `residual_core.images.image_to_tensor`): one float
   torch bicubic antialiased resize of the whole image to S x S, normalise; masks torch nearest.
 
@@ -108,6 +113,10 @@ class ShortSideCropPil(Preprocess):
 
     name = "resad"
 
+    def short_side(self, size: int) -> int:
+        """The shorter side after the resize, for an S x S crop (ResAD: S itself)."""
+        return size
+
     @staticmethod
     def resized_size(original_size: tuple[int, int], size: int) -> tuple[int, int]:
         """(width, height) after the shorter side goes to S (torchvision's rule: int(S * long / short))."""
@@ -125,13 +134,13 @@ class ShortSideCropPil(Preprocess):
     def view(self, original_size: tuple[int, int], size: int) -> View:
         size = _check_size(size)
         width, height = original_size
-        resized = self.resized_size(original_size, size)
+        resized = self.resized_size(original_size, self.short_side(size))
         left, top = self.crop_origin(resized, size)
         sx, sy = width / resized[0], height / resized[1]
         return View(left * sx, top * sy, size * sx, size * sy)
 
     def _geometry(self, image: Image.Image, size: int, resample) -> Image.Image:
-        resized = _pil_resize(image, self.resized_size(image.size, size), resample)
+        resized = _pil_resize(image, self.resized_size(image.size, self.short_side(size)), resample)
         left, top = self.crop_origin(resized.size, size)
         return resized.crop((left, top, left + size, top + size))
 
@@ -146,6 +155,31 @@ class ShortSideCropPil(Preprocess):
             return torch.zeros(1, size, size)
         cropped = self._geometry(_mask_image(mask), size, Image.Resampling.NEAREST)
         return torch.from_numpy(np.asarray(cropped) != 0).float()[None]
+
+
+class PatchCorePil(ShortSideCropPil):
+    """PatchCore: `Resize(resize)` (bilinear, shorter side) then `CenterCrop(imagesize)` with their
+    256 / 224 (and 366 / 320): the shorter side goes to round(S * 256 / 224). Masks: the same
+    `Resize` + `CenterCrop` (bilinear), `ToTensor`; their metrics then take `astype(int)`, so only pixels
+    that stay exactly 255 count as anomalous."""
+
+    name = "patchcore"
+    RESIZE, IMAGESIZE = 256, 224  # their dataset defaults (bin/run_patchcore.py, datasets/mvtec.py)
+
+    def short_side(self, size: int) -> int:
+        return int(round(size * self.RESIZE / self.IMAGESIZE))  # never a .5 tie: 8S/7 is not n + 1/2
+
+    def pixels(self, image: Image.Image, size: int) -> Image.Image:
+        return self._geometry(image, size, Image.Resampling.BILINEAR)
+
+    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
+        import torch
+
+        size = _check_size(size)
+        if mask is None:
+            return torch.zeros(1, size, size)
+        cropped = self._geometry(_mask_image(mask), size, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(cropped) == 255).float()[None]
 
 
 class TorchBicubic(Preprocess):
@@ -169,7 +203,9 @@ class TorchBicubic(Preprocess):
         return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-_PRESETS: dict[str, Preprocess] = {p.name: p for p in (SquarePil(), ShortSideCropPil(), TorchBicubic())}
+_PRESETS: dict[str, Preprocess] = {
+    p.name: p for p in (SquarePil(), ShortSideCropPil(), TorchBicubic(), PatchCorePil())
+}
 PREPROCESS_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
 

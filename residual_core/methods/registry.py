@@ -28,7 +28,7 @@ def _load_builtin_methods() -> None:
     # importing the modules runs their @register_method decorators
     import importlib
 
-    for module in ("baseline", "res2clip", "resadpp"):
+    for module in ("baseline", "res2clip", "resadpp", "patchcore"):
         try:
             importlib.import_module(f"residual_core.methods.{module}")
         except ModuleNotFoundError as exc:

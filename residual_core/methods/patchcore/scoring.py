@@ -1,0 +1,86 @@
+"""PatchCore scoring: nearest memory-bank patches, patch scores, the image score and the anomaly map.
+
+- Patch score (`common.py: NearestNeighbourScorer.predict` over `FaissNN`, an `IndexFlatL2`): the mean
+  over the `anomaly_score_num_nn` nearest memory-bank patches of the distance; FAISS' flat L2 index returns
+  *squared* Euclidean distances, so the released code scores with squared distances ("squared_l2"); the
+  paper writes the Euclidean distance ("l2", the default here).
+- Image score: the released code takes the maximum patch score (`PatchMaker.score`); the paper (eq. 7)
+  reweights it: with m_test* the patch of the largest score, m* its nearest memory-bank patch and N_b(m*)
+  the b nearest memory-bank patches of m* (m* itself included),
+      w = 1 - exp(||m_test* - m*||) / sum_{m in N_b(m*)} exp(||m_test* - m||),   s = w * s*,
+  computed as 1 - exp(d* - logsumexp(d)) so large distances cannot overflow.
+- Anomaly map (`RescaleSegmentor`): patch scores on the grid, bilinear resize (align_corners=False) to
+  the input size, then scipy's `gaussian_filter(sigma=4)` (mode "reflect", truncate 4).
+
+`nearest_neighbours` is an exact blocked search: the score block is at most `block_bytes`, so no
+[queries x memory] matrix is built for large banks. It mirrors `residual_core.matching.knn.exact_search(
+..., metric="l2")` (another branch); fold it into that kernel once it lands.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from residual_core.methods.base import MethodError
+from residual_core.methods.resadpp.scoring import gaussian_blur
+
+CPU_BLOCK_BYTES = 16 << 20
+ACCELERATOR_BLOCK_BYTES = 256 << 20
+
+
+def nearest_neighbours(
+    query: Tensor, memory: Tensor, k: int = 1, *, block_bytes: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The k nearest memory rows of each query row by Euclidean distance, exactly.
+
+    query [Q, D], memory [M, D] -> (squared distances [Q, k'], indices [Q, k'] long), nearest first,
+    k' = min(k, M). Candidates come from |m|^2 - 2 q.m block by block (as FAISS ranks); the returned
+    distances are recomputed as sum((q - m)^2) for the chosen rows, so identical rows give exactly 0."""
+    if memory.ndim != 2 or query.ndim != 2 or query.shape[1] != memory.shape[1]:
+        raise MethodError(f"patchcore: need query [Q, D] and memory [M, D], got {tuple(query.shape)} "
+                          f"and {tuple(memory.shape)}")
+    if memory.shape[0] == 0:
+        raise MethodError("patchcore: the memory bank is empty")
+    k = min(int(k), int(memory.shape[0]))
+    budget = block_bytes or (CPU_BLOCK_BYTES if memory.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES)
+    per_row = 4 * max(int(memory.shape[0]), k * int(memory.shape[1]))
+    rows = max(1, budget // per_row)
+    memory_sq = (memory * memory).sum(dim=1)
+    distances, indices = [], []
+    for start in range(0, query.shape[0], rows):
+        block = query[start:start + rows]
+        partial = torch.addmm(memory_sq.unsqueeze(0), block, memory.T, alpha=-2.0)  # |m|^2 - 2 q.m
+        if k == 1:
+            index = partial.argmin(dim=1, keepdim=True)
+        else:
+            index = partial.topk(k, dim=1, largest=False).indices
+        exact = (block.unsqueeze(1) - memory[index]).square().sum(dim=2)
+        exact, order = exact.sort(dim=1)
+        distances.append(exact)
+        indices.append(index.gather(1, order))
+    return torch.cat(distances), torch.cat(indices)
+
+
+def patch_scores(squared: Tensor, distance: str) -> Tensor:
+    """[Q, k] squared distances -> [Q] patch scores: mean over k of the squared ("squared_l2") or plain
+    ("l2") distances."""
+    if distance not in ("l2", "squared_l2"):
+        raise MethodError(f"patchcore: unknown patch distance {distance!r}")
+    values = squared if distance == "squared_l2" else squared.clamp_min(0).sqrt()
+    return values.mean(dim=1)
+
+
+def reweighting(test_patch: Tensor, nearest: Tensor, neighbours: Tensor) -> Tensor:
+    """Paper eq. 7's w for B images: test_patch [B, D] (m_test*), nearest [B, D] (m*), neighbours
+    [B, b, D] (N_b(m*), m* included) -> w [B] = 1 - exp(d*) / sum_j exp(d_j) with Euclidean distances."""
+    d_star = (test_patch - nearest).norm(dim=1)
+    d_all = (test_patch.unsqueeze(1) - neighbours).norm(dim=2)
+    return 1.0 - torch.exp(d_star - torch.logsumexp(d_all, dim=1))
+
+
+def anomaly_maps(scores: Tensor, size: tuple[int, int], sigma: float) -> Tensor:
+    """Patch-score grids [B, h, w] -> [B, H, W]: bilinear resize (align_corners=False), Gaussian blur."""
+    maps = F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return gaussian_blur(maps, sigma) if sigma > 0 else maps
