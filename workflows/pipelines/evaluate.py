@@ -78,7 +78,7 @@ def job_url_for(config: RunConfig, spec: EvalSpec, identity_key: str) -> str:
 
 def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool = True) -> list[EvalResult]:
     """Evaluate every spec; completed jobs are reused, interrupted ones resume shard by shard."""
-    from workflows.pipelines.ray_runtime import gpus_per_worker
+    from workflows.pipelines import ray_runtime
 
     backbone_cfg = asdict(config.backbone)
     info = probe_backbone(backbone_cfg)
@@ -120,8 +120,8 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
     if ev.stop_after_shards is not None:  # test hook: simulate an interruption
         tasks = tasks[: ev.stop_after_shards]
     if tasks:
-        num_gpus = gpus_per_worker(ev.num_gpus_per_actor)
-        actor_cpus = 1.0 if num_gpus else _actor_cpus(ev.num_actors)
+        num_gpus = ray_runtime.gpus_per_worker(ev.num_gpus_per_actor)
+        actor_cpus = 1.0 if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
         rows = run_scoring(tasks, batch_size=ev.batch_size, num_actors=ev.num_actors,
                            num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus, max_retries=ev.max_retries)
         for _ in tqdm(rows, total=len(tasks), desc="evaluate: shards", disable=not progress, leave=False):
@@ -135,14 +135,6 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
                                              job.preprocess)].image_ids) for name in job.banks}
         results.append(_finalize(config, spec, job, shards, refs, resumed.get(job.job_id, 0)))
     return results
-
-
-def _actor_cpus(num_actors: int) -> float:
-    """Leave room for the preprocessing tasks beside the actors on the cluster's CPUs."""
-    import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    return max(0.25, min(1.0, (cpus - 0.5) / max(1, num_actors)))
 
 
 def _partial(spec: EvalSpec, job: ScoringJob) -> EvalResult:

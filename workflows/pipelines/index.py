@@ -100,7 +100,8 @@ def build_bank_task(backbone_cfg: dict, data_url: str, plan: BankPlan, device: s
     """Ray task body: extract features of the references, save the bank, commit it."""
     from residual_core.bank import build_bank, save_bank
     from workflows.pipelines.artifacts import upload_dir
-    from workflows.pipelines.models import backbone_info, resolve_device
+    from workflows.pipelines.models import backbone_info
+    from workflows.pipelines.ray_runtime import resolve_device
 
     if storage.is_committed(plan.url):  # another task (or an earlier run) finished it meanwhile
         return plan.url
@@ -136,7 +137,7 @@ def ensure_banks(config: RunConfig, requests: list[BankRequest], *,
     """Plan every requested bank; build the missing ones as Ray tasks; return request -> plan."""
     import ray
 
-    from workflows.pipelines.ray_runtime import gpus_per_worker
+    from workflows.pipelines.ray_runtime import gpus_per_worker, wait_all
 
     backbone_cfg = _backbone_dict(config)
     info = probe_backbone(backbone_cfg)
@@ -147,21 +148,8 @@ def ensure_banks(config: RunConfig, requests: list[BankRequest], *,
         remote = ray.remote(num_cpus=1, num_gpus=gpus,
                             max_retries=config.evaluate.max_retries)(build_bank_task)
         refs = [remote.remote(backbone_cfg, config.data.url, plan, config.device) for plan in missing]
-        _wait_all(refs, f"index: building {len(refs)} bank(s)", progress)
+        wait_all(refs, f"index: building {len(refs)} bank(s)", progress)
     return plans
-
-
-def _wait_all(refs: list, label: str, progress: bool) -> list:
-    import ray
-    from tqdm import tqdm
-
-    pending, done = list(refs), []
-    with tqdm(total=len(refs), desc=label, disable=not progress, leave=False) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            done.extend(ray.get(ready))
-            bar.update(len(ready))
-    return done
 
 
 def _backbone_dict(config: RunConfig) -> dict:

@@ -71,14 +71,6 @@ def method_preprocess(method) -> str:
     return resolve(data["name"], data.get("params") or {})
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_method(backbone: dict, method: dict, device: str, backbone_cache: OrderedDict | None = None):
     """Build the configured method on its backbone; load its checkpoint when one is given."""
     from residual_core.methods import create_method

@@ -16,6 +16,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, log_to_driver=True, ignore_reinit_error=True)
     else:
+        # token authentication on, said explicitly (Ray warns on every start when it picks the default)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # address="local": start our own Ray, never silently join whatever `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=True)
@@ -40,10 +42,30 @@ def gpus_per_worker(requested: float | None) -> float:
     return 1.0 if cluster_gpus() >= 1 else 0.0
 
 
-def torch_device(config_device: str, num_gpus: float) -> str:
-    """Device a worker should use: explicit config wins; auto picks cuda when the worker has a GPU."""
-    if config_device != "auto":
-        return config_device
+def resolve_device(device: str) -> str:
+    """The torch device for a config's `device`: explicit wins; `auto` is cuda when this process sees a
+    GPU (a worker started with num_gpus > 0), else cpu. The one device resolver of the pipelines."""
+    if device != "auto":
+        return device
     import torch
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def actor_cpus(num_actors: int) -> float:
+    """CPUs per scoring actor: leave room for the preprocessing tasks beside the actors."""
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(0.25, min(1.0, (cpus - 0.5) / max(1, num_actors)))
+
+
+def wait_all(refs: list, label: str, progress: bool) -> list:
+    """Results of Ray object refs as they finish, with a progress bar named `label`."""
+    from tqdm import tqdm
+
+    pending, done = list(refs), []
+    with tqdm(total=len(refs), desc=label, disable=not progress, leave=False) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done.extend(ray.get(ready))
+            bar.update(len(ready))
+    return done

@@ -145,8 +145,7 @@ def ensure_reference_banks(config: RunConfig, options: ScanOptions, categories: 
 def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *, progress: bool,
                  desc: str) -> dict:
     """Score the shards not yet committed under `job.job_url`; progress in images/s with an ETA."""
-    from workflows.pipelines.evaluate import _actor_cpus
-    from workflows.pipelines.ray_runtime import gpus_per_worker
+    from workflows.pipelines import ray_runtime
     from workflows.pipelines.scan_stages import ScanActor, prepare_scan_shard
     from workflows.pipelines.scoring import run_scoring
 
@@ -157,9 +156,9 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
     if not todo:
         return stats
     ev = config.evaluate
-    num_gpus = gpus_per_worker(ev.num_gpus_per_actor)
+    num_gpus = ray_runtime.gpus_per_worker(ev.num_gpus_per_actor)
     start = time.perf_counter()
-    actor_cpus = 1.0 if num_gpus else _actor_cpus(ev.num_actors)
+    actor_cpus = 1.0 if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
     rows = run_scoring([(job, s) for s in todo], batch_size=ev.batch_size, num_actors=ev.num_actors,
                        num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus,
                        max_retries=ev.max_retries, prepare_fn=prepare_scan_shard, actor_cls=ScanActor)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from workflows.pipelines.resume import Shard, ShardStore, read_shard
+
+REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
 
 
 @dataclass
@@ -125,11 +128,9 @@ class ScoringActor:
         self._banks: OrderedDict = OrderedDict()
 
     def _device(self, job: ScoringJob) -> str:
-        import torch
+        from workflows.pipelines.ray_runtime import resolve_device
 
-        if job.device != "auto":
-            return job.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(job.device)
 
     @staticmethod
     def _remember(cache: OrderedDict, key, value, limit: int):
@@ -308,15 +309,19 @@ def run_scoring(
         return
     items = [{"job": job.to_json(), "shard": json.dumps(shard.to_dict())} for job, shard in tasks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    # bounded retries (Ray Data's default is unbounded): a failing task or actor is retried, then fails
-    prepared = dataset.map(prepare_fn or prepare_shard, num_cpus=0.5,
-                           ray_remote_args_fn=lambda: {"max_retries": max_retries})
-    scored = prepared.map(
-        actor_cls or ScoringActor,
-        fn_constructor_kwargs={"batch_size": batch_size},
-        compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
-        num_cpus=actor_num_cpus,
-        num_gpus=num_gpus_per_actor or None,
-        ray_remote_args_fn=lambda: {"max_restarts": max_retries, "max_task_retries": max_retries},
-    )
+    # Bounded retries (Ray Data's default is unbounded): a failing task or actor is retried, then fails.
+    # Ray 2.60 has no named parameter for them: they go as remote args, which 2.60 marks deprecated
+    # (removed in 2.64, above the version range pyproject allows); that one warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=REMOTE_ARGS_DEPRECATION)
+        prepared = dataset.map(prepare_fn or prepare_shard, num_cpus=0.5, max_retries=max_retries)
+        scored = prepared.map(
+            actor_cls or ScoringActor,
+            fn_constructor_kwargs={"batch_size": batch_size},
+            compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
+            num_cpus=actor_num_cpus,
+            num_gpus=num_gpus_per_actor or None,
+            max_restarts=max_retries,
+            max_task_retries=max_retries,
+        )
     yield from scored.iter_rows()

@@ -80,12 +80,12 @@ def run_reduces(jobs: list[tuple[ScoringJob, list[Shard]]], *, max_retries: int 
     """Reduce every pending category of every job as parallel Ray tasks; returns how many ran."""
     import ray
 
-    from workflows.pipelines.index import _wait_all
+    from workflows.pipelines.ray_runtime import wait_all
 
     tasks = [(job, *item) for job, shards in jobs for item in pending_reduces(job, shards)]
     if not tasks:
         return 0
     remote = ray.remote(num_cpus=1, max_retries=max_retries)(reduce_category)
     refs = [remote.remote(job.to_json(), dataset, category, ids) for job, dataset, category, ids in tasks]
-    _wait_all(refs, f"evaluate: reduce {len(refs)} categories", progress)
+    wait_all(refs, f"evaluate: reduce {len(refs)} categories", progress)
     return len(refs)

@@ -18,13 +18,8 @@ from dataclasses import asdict, dataclass, field
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig
 from workflows.pipelines.index import categories_of, normal_train_ids, read_images
-from workflows.pipelines.models import (
-    backbone_info,
-    content_key,
-    method_preprocess,
-    probe_backbone,
-    resolve_device,
-)
+from workflows.pipelines.models import backbone_info, content_key, method_preprocess, probe_backbone
+from workflows.pipelines.ray_runtime import resolve_device
 
 LOG_NAME = "train_log.json"
 # 2: normal `train` pools for methods that use them (ResAD++ as its authors), provenance in the log
@@ -215,8 +210,7 @@ def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool =
     """Run (or reuse) every training job; jobs run in parallel as Ray tasks."""
     import ray
 
-    from workflows.pipelines.index import _wait_all
-    from workflows.pipelines.ray_runtime import gpus_per_worker
+    from workflows.pipelines.ray_runtime import gpus_per_worker, wait_all
 
     info = probe_backbone(asdict(config.backbone))
     urls = [checkpoint_url(config, spec, info.identity_key) for spec in specs]
@@ -225,7 +219,7 @@ def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool =
         gpus = gpus_per_worker(config.train.num_gpus)
         remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(train_task)
         refs = [remote.remote(config.to_dict(), spec, url) for spec, url in todo]
-        _wait_all(refs, f"train: {len(refs)} job(s)", progress)
+        wait_all(refs, f"train: {len(refs)} job(s)", progress)
     fresh = {url for _, url in todo}
     results = []
     for spec, url in zip(specs, urls, strict=True):
