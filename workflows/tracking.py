@@ -125,7 +125,7 @@ def log_results_table(tracker: Tracker, job_url: str, artifact_file: str = "resu
     import pyarrow.parquet as pq
 
     from workflows import storage
-    from workflows.pipelines.resume import ShardStore
+    from workflows.pipelines.commits import ShardStore
 
     store = ShardStore(job_url)
     with tempfile.TemporaryDirectory() as tmp:

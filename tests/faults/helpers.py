@@ -29,7 +29,7 @@ def cli_args(data: str, output: str, *extra: str) -> list[str]:
 
 
 def result_rows(job_url: str) -> list[dict]:
-    from workflows.pipelines.resume import ShardStore
+    from workflows.pipelines.commits import ShardStore
 
     return ShardStore(job_url).read_results().to_pylist()
 

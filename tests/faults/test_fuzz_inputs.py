@@ -104,8 +104,8 @@ def test_decoder_never_crashes_on_bad_bytes_and_odd_modes():
 
 def test_pipeline_stage_records_every_bad_row_as_skipped(tmp_path):
     from workflows.datasets.writer import write_dataset
-    from workflows.pipelines.resume import plan_shards
     from workflows.pipelines.scoring import ScoringJob, prepare_shard
+    from workflows.pipelines.shards import plan_shards
 
     bad, odd = _bad_inputs(), _odd_modes()
     rows = [{"dataset": "fuzz", "category": "things", "split": "test", "label": 0, "defect_type": "good",
@@ -139,7 +139,7 @@ def test_pipeline_stage_records_every_bad_row_as_skipped(tmp_path):
 def test_corrupt_parquet_file_fails_clearly_naming_the_file(tmp_path):
     from tests.workflows.pipelines.tiny_data import write_tiny
     from workflows.datasets.reader import read_manifest
-    from workflows.pipelines.resume import plan_shards
+    from workflows.pipelines.shards import plan_shards
 
     url = write_tiny(str(tmp_path / "data"), n_train=1, n_normal=1, n_anomalous=1)
     part = next(p for p in read_manifest(url)["partitions"] if p["split"] == "test")

@@ -17,11 +17,12 @@ from residual_core.metrics import IMAGE_METRICS, pixel_metric_names, summarize_d
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig, save_config
 from workflows.datasets.reader import pixel_ground_truth
+from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
 from workflows.pipelines.models import content_key, method_preprocess, probe_backbone
-from workflows.pipelines.resume import Shard, ShardStore, plan_shards
 from workflows.pipelines.scoring import ScoringJob, run_scoring
 from workflows.pipelines.set_reduce import pending_reduces, run_reduces
+from workflows.pipelines.shards import Shard, plan_shards
 
 METRIC_NAMES = (*IMAGE_METRICS, *pixel_metric_names(0.3))
 # Version of the evaluation protocol, part of every job key so that results of an older protocol are

@@ -72,7 +72,7 @@ def load_or_plan(input_url: str, plan_url: str, options: ScanOptions) -> list[Sc
         lines = storage.read_bytes(index_url).decode().splitlines()
         return [ScanShard.from_dict(json.loads(line)) for line in lines if line]
     if is_parquet_dataset(input_url):
-        from workflows.pipelines.resume import plan_shards
+        from workflows.pipelines.shards import plan_shards
 
         shards = [ScanShard(s.dataset, s.category, s.shard_id, s.stop - s.start, parquet=s.to_dict())
                   for s in plan_shards(input_url, split=options.split, shard_size=options.shard_size,

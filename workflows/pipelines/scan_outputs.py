@@ -12,47 +12,35 @@ is never counted twice. `plan/` holds the shard plan, `calibration.json` the thr
 
 from __future__ import annotations
 
-import io
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from workflows import storage
+from workflows.pipelines.commits import CommitStore
 
 TABLES = ("results", "skipped", "maps")
 
 
-class ScanStore:
-    def __init__(self, url: str) -> None:
-        self.url = url
+class ScanStore(CommitStore):
+    """A scan's per-shard tables by category (the commit layer is `commits.CommitStore`)."""
 
     def table_url(self, table: str, category: str, shard_id: str) -> str:
         return storage.join(self.url, table, f"category={category}", f"{shard_id}.parquet")
-
-    def done_url(self, shard_id: str) -> str:
-        return storage.join(self.url, "done", f"{shard_id}.json")
-
-    def done_ids(self) -> set[str]:
-        names = storage.list_urls(storage.join(self.url, "done"))
-        return {u.rsplit("/", 1)[-1].removesuffix(".json") for u in names if u.endswith(".json")}
 
     def commit(self, category: str, shard_id: str, tables: dict[str, pa.Table], marker: dict) -> None:
         """Write the shard's non-empty tables, then its commit marker (last)."""
         for name, table in tables.items():
             if table is not None and table.num_rows:
-                buffer = io.BytesIO()
-                pq.write_table(table, buffer, compression="zstd")
-                storage.atomic_write_bytes(self.table_url(name, category, shard_id), buffer.getvalue())
-        storage.atomic_write_json(self.done_url(shard_id), marker)
+                self.write_parquet(self.table_url(name, category, shard_id), table)
+        self.commit_marker(shard_id, marker)
 
     def markers(self, shard_ids: list[str] | None = None, threads: int = 16) -> list[dict]:
         """Commit markers (small JSON) of the given or all done shards, read in parallel."""
         ids = sorted(shard_ids if shard_ids is not None else self.done_ids())
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(lambda sid: json.loads(storage.read_bytes(self.done_url(sid))), ids))
+            return list(pool.map(self.marker, ids))
 
     def read_table(self, table: str, category: str | None = None,
                    columns: list[str] | None = None) -> pa.Table:
@@ -62,7 +50,7 @@ class ScanStore:
                                                                                     f"category={category}")
         urls = [u for u in storage.list_urls(base, recursive=True)
                 if u.endswith(".parquet") and u.rsplit("/", 1)[-1].removesuffix(".parquet") in done]
-        parts = [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=columns) for u in sorted(urls)]
+        parts = [self.read_parquet(u, columns) for u in sorted(urls)]
         if not parts:
             return pa.table({})
         return pa.concat_tables(parts, promote_options="default")

@@ -35,7 +35,7 @@ def _read(url: str) -> tuple[bytes | None, str | None]:
 def _source_items(shard: ScanShard) -> list[tuple[str, bytes | None, str | None, str | None]]:
     """(source key, bytes or None, error or None, stored image_id or None) for every image of the shard."""
     if shard.parquet is not None:
-        from workflows.pipelines.resume import Shard, read_shard
+        from workflows.pipelines.shards import Shard, read_shard
 
         table = read_shard(Shard.from_dict(shard.parquet), columns=("image_id", "image", "source"))
         return [(r["source"], r["image"], None, r["image_id"]) for r in table.to_pylist()]
@@ -88,7 +88,7 @@ def prepare_scan_shard(task: dict) -> dict:
 def _keys_only(shard: ScanShard) -> list[str]:
     if shard.parquet is None:
         return shard_keys(shard)
-    from workflows.pipelines.resume import Shard, read_shard
+    from workflows.pipelines.shards import Shard, read_shard
 
     return read_shard(Shard.from_dict(shard.parquet), columns=("source",)).column("source").to_pylist()
 
@@ -97,8 +97,6 @@ class ScanActor(ScoringActor):
     """Stage 2: the evaluate scoring actor (same caches), with scan's flags, regions and outputs."""
 
     def __call__(self, task: dict) -> dict:
-        import torch
-
         from workflows.pipelines.regions import heatmap_png, top_region
         from workflows.pipelines.scan_outputs import ScanStore, reason_key
 
@@ -109,26 +107,20 @@ class ScanActor(ScoringActor):
         threshold = job.extra["thresholds"].get(shard.category)
         level, save_maps = float(job.extra["region_level"]), bool(job.extra["save_maps"])
         scores, branches, regions, flags, maps = [], {}, [], [], []
-        if kept:
-            method = self._method(job)
-            bank = self._bank(job, shard, self._device(job))
-            for start in range(0, len(kept), self.batch_size):
-                rows = kept[start : start + self.batch_size]
-                images = torch.from_numpy(payload["images"][start : start + len(rows)]).to(method.device)
-                out = method.score(images, bank)
-                batch_scores = out.image_score.detach().float().cpu().numpy()
-                anomaly_maps = out.anomaly_map.detach().float().cpu().numpy()
-                scores.append(batch_scores)
-                for name, value in out.branch_scores.items():
-                    branches.setdefault(name, []).append(value.detach().float().cpu().numpy())
-                for i, row in enumerate(rows):
-                    regions.append(top_region(anomaly_maps[i], (row["width"], row["height"]), level=level,
-                                              view=row["view"]))
-                    flagged = threshold is not None and float(batch_scores[i]) > threshold
-                    flags.append(flagged)
-                    if flagged and save_maps:
-                        maps.append({"image_id": row["image_id"], "source": row["source"],
-                                     "heatmap_png": heatmap_png(anomaly_maps[i])})
+        for start, stop, out in self.scored_batches(job, shard, payload["images"]):
+            batch_scores = out.image_score.detach().float().cpu().numpy()
+            anomaly_maps = out.anomaly_map.detach().float().cpu().numpy()
+            scores.append(batch_scores)
+            for name, value in out.branch_scores.items():
+                branches.setdefault(name, []).append(value.detach().float().cpu().numpy())
+            for i, row in enumerate(kept[start:stop]):
+                regions.append(top_region(anomaly_maps[i], (row["width"], row["height"]), level=level,
+                                          view=row["view"]))
+                flagged = threshold is not None and float(batch_scores[i]) > threshold
+                flags.append(flagged)
+                if flagged and save_maps:
+                    maps.append({"image_id": row["image_id"], "source": row["source"],
+                                 "heatmap_png": heatmap_png(anomaly_maps[i])})
         tables = {
             "results": _results(shard, kept, scores, branches, regions, flags, threshold),
             "skipped": _skipped(shard, skipped),

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from workflows.pipelines.resume import Shard, ShardStore, read_shard
+from workflows.pipelines.commits import ShardStore
+from workflows.pipelines.shards import Shard, read_shard
 
 REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
 
@@ -162,25 +163,35 @@ class ScoringActor:
 
         return self._remember(self._banks, url, load_bank_url(url, device), 4 * self.max_cached)
 
-    def __call__(self, task: dict) -> dict:
+    def scored_batches(self, job: ScoringJob, shard, images: np.ndarray, *, raw: bool = False) -> Iterator:
+        """The one batch loop of evaluate and scan: `(start, stop, output)` per batch of `batch_size`
+        prepared images [N, 3, S, S], scored by the job's cached method against the shard's cached bank;
+        `output` is a ScoreOutput, or with `raw` the method's `score_raw` arrays."""
         import torch
 
+        if len(images) == 0:
+            return
+        method = self._method(job)
+        bank = self._bank(job, shard, self._device(job))
+        score = method.score_raw if raw else method.score
+        for start in range(0, len(images), self.batch_size):
+            stop = min(start + self.batch_size, len(images))
+            yield start, stop, score(torch.from_numpy(images[start:stop]).to(method.device), bank)
+
+    def __call__(self, task: dict) -> dict:
         job = ScoringJob.from_json(task["job"])
         shard = Shard.from_dict(json.loads(task["shard"]))
         payload = pickle.loads(task["payload"])
-        method = self._method(job)
-        bank = self._bank(job, shard, self._device(job))
         kept = payload["kept"]
-        normaliser = method.set_normaliser()
+        normaliser = self._method(job).set_normaliser()  # known even for a shard with nothing to score
         outputs = ShardOutputs(job, kept)
         raw_parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(kept), self.batch_size):
-            stop = min(start + self.batch_size, len(kept))
-            images = torch.from_numpy(payload["images"][start:stop]).to(method.device)
+        batches = self.scored_batches(job, shard, payload["images"], raw=normaliser is not None)
+        for start, stop, out in batches:
             if normaliser is None:
-                outputs.add(start, method.score(images, bank), payload["masks"][start:stop])
+                outputs.add(start, out, payload["masks"][start:stop])
                 continue
-            for name, value in method.score_raw(images, bank).items():  # finished per category later
+            for name, value in out.items():  # finished per category by the reduce step
                 raw_parts.setdefault(name, []).append(value.detach().float().cpu().numpy())
         summary = {"images": len(kept), "skipped": len(payload["skipped"]),
                    "skip_reasons": [s["skip_reason"] for s in payload["skipped"]][:20]}

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from workflows import storage
-from workflows.pipelines.resume import Shard
+from workflows.pipelines.shards import Shard
 from workflows.reports import job_outputs
 from workflows.reports.curves import write_category_curves
 from workflows.reports.gallery import GalleryTile, plot_gallery

@@ -1,4 +1,4 @@
-"""Read what an evaluation job committed (see ``workflows.pipelines.resume.ShardStore``), for reports.
+"""Read what an evaluation job committed (see ``workflows.pipelines.shards.ShardStore``), for reports.
 
 Only bounded things are read on the driver: per-shard metric states (binned counts), per-image result
 rows one shard at a time, the few stored anomaly maps a gallery shows, and those images' originals
@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from workflows import storage
-from workflows.pipelines.resume import Shard, ShardStore, read_shard
+from workflows.pipelines.commits import ShardStore
+from workflows.pipelines.shards import Shard, read_shard
 
 RESULT_COLUMNS = ("image_id", "label", "image_score", "status", "defect_type", "source")
 

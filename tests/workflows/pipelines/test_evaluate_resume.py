@@ -10,9 +10,9 @@ ray = pytest.importorskip("ray")
 from tests.workflows.pipelines.tiny_data import write_tiny  # noqa: E402
 from workflows.cli import main  # noqa: E402
 from workflows.config import load_config  # noqa: E402
+from workflows.pipelines.commits import ShardStore  # noqa: E402
 from workflows.pipelines.evaluate import run_evaluate  # noqa: E402
 from workflows.pipelines.index import run_index  # noqa: E402
-from workflows.pipelines.resume import ShardStore  # noqa: E402
 
 BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
         "data.datasets=[textures,labels]"]

@@ -21,8 +21,8 @@ from workflows import storage  # noqa: E402
 from workflows.config import load_config  # noqa: E402
 from workflows.datasets.reader import pixel_ground_truth, read_table  # noqa: E402
 from workflows.datasets.writer import write_dataset  # noqa: E402
+from workflows.pipelines.commits import ShardStore  # noqa: E402
 from workflows.pipelines.evaluate import NO_PIXEL_TRUTH, run_evaluate  # noqa: E402
-from workflows.pipelines.resume import ShardStore  # noqa: E402
 
 BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
         "data.datasets=[textures,labels]"]

@@ -11,8 +11,9 @@ from PIL import Image
 
 from residual_core.metrics import MetricAccumulator
 from workflows.datasets.writer import write_dataset
-from workflows.pipelines.resume import ShardStore, plan_shards, read_shard
+from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.scoring import _results_table
+from workflows.pipelines.shards import plan_shards, read_shard
 
 SIZE = 40
 MAP_SIZE = 32

@@ -11,7 +11,7 @@ from residual_core.images import decode_image, decode_mask
 from residual_core.preprocess import get_preprocess
 from workflows import storage
 from workflows.datasets.writer import write_dataset
-from workflows.pipelines.resume import plan_shards
+from workflows.pipelines.shards import plan_shards
 from workflows.reports import job_outputs
 
 WIDTH, HEIGHT, S = 60, 30, 16
