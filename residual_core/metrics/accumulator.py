@@ -26,6 +26,7 @@ from residual_core.metrics.regions import anomalous_pixel_regions
 
 STATE_VERSION = 2  # 2: float64 keys, capacity counts distinct scores, compact arrays; 1 still read
 READABLE_VERSIONS = (1, 2)
+VERSION_1_PIXEL_CAPACITY = 1 << 20  # version 1's default, read as today's so that resumed jobs merge
 IMAGE_METRICS = ("I-AUROC", "I-AP", "I-F1max")
 
 
@@ -205,10 +206,14 @@ class MetricAccumulator:
         if state.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported metric state version {state.get('version')!r}; "
                              f"expected one of {READABLE_VERSIONS}")
-        out = cls(**state["config"])
+        config = dict(state["config"])
+        if state["version"] == 1 and config["pixel_capacity"] == VERSION_1_PIXEL_CAPACITY:
+            config["pixel_capacity"] = AccumulatorConfig.pixel_capacity  # that version's default: today's
+        out = cls(**config)
         out.counts = SampleCounts(**state["counts"])
         out.image_hist = CollapsingHistogram.from_state_dict(state["image_histogram"])
         out.pixel_hist = CollapsingHistogram.from_state_dict(state["pixel_histogram"])
+        out.pixel_hist.capacity = out.config.pixel_capacity  # capacities only grow: the bins stay valid
         return out
 
     # -- results ------------------------------------------------------------------------------------

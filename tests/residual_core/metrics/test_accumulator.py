@@ -381,9 +381,14 @@ def version_1_state(acc: MetricAccumulator) -> dict:
 def test_version_1_states_are_still_read():
     scores, labels, maps, masks = make_case("negative")
     acc = accumulate(scores, labels, maps, masks)
-    restored = MetricAccumulator.from_state_dict(version_1_state(acc))
+    old = version_1_state(acc)
+    old["config"]["pixel_capacity"] = old["pixel_histogram"]["capacity"] = 1 << 20  # version 1's default:
+    # read as today's, so that the shards of a job resumed across the upgrade merge
+    restored = MetricAccumulator.from_state_dict(old)
+    assert restored.config == acc.config
     assert restored.compute() == acc.compute()
     assert_same_histogram_state(restored.state_dict()["pixel_histogram"], acc.state_dict()["pixel_histogram"])
+    restored.merge(acc)
 
 
 def test_version_1_collapsed_state_converts_when_exact_and_refuses_otherwise():
