@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import pickle
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -79,12 +80,13 @@ def measured(fn: Callable[[], object]) -> tuple[object, float, int]:
 
 
 def run_engine(chunks: list[tuple], device: str) -> dict:
+    """All metrics of ``chunks``, plus ``state_bytes``: the size of the pickled state (what a shard ships)."""
     acc = MetricAccumulator()
     for scores, labels, maps, masks in chunks:
         if device != "cpu":
             maps = torch.from_numpy(maps).to(device)
         acc.update(scores, labels, maps, masks)
-    return acc.compute()
+    return {**acc.compute(), "state_bytes": len(pickle.dumps(acc.state_dict()))}
 
 
 def exact_sorted_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
@@ -124,13 +126,17 @@ def benchmark(args, pixels: int) -> list[tuple]:
     chunks = list(synthetic_chunks(pixels, args.size, args.chunk, args.seed))
     result, seconds, peak = measured(partial(run_engine, chunks, "cpu"))
     bounds, resolution = result["resolution"]["error_bounds"], result["resolution"]
-    print(f"[{pixels:.0e}] engine cpu {seconds:.1f}s peak {peak / 2**20:.0f} MiB "
-          f"shift {resolution['pixel_shift']} bins {resolution['pixel_bins']}", flush=True)
+    print(f"[{pixels:.0e}] engine cpu {seconds:.1f}s peak {peak / 2**20:.0f} MiB state "
+          f"{result['state_bytes'] / 2**20:.1f} MiB shift {resolution['pixel_shift']} bins "
+          f"{resolution['pixel_bins']} bounds " + " ".join(f"{k} {v:.1e}" for k, v in bounds.items()),
+          flush=True)
     engine_rows = [("engine (numpy, all 7 metrics)", seconds, peak)]
     if args.device != "cpu" and torch.cuda.is_available():
         on_device, device_seconds, device_peak = measured(partial(run_engine, chunks, args.device))
         assert on_device["P-AUROC"] == result["P-AUROC"] and on_device["AUPRO@0.3"] == result["AUPRO@0.3"]
         engine_rows.append((f"engine ({args.device} maps)", device_seconds, device_peak))
+    if args.engine_only:
+        return [(pixels, name, secs, mem, "", "") for name, secs, mem in engine_rows]
     maps = np.concatenate([c[2] for c in chunks])
     masks = np.concatenate([c[3] for c in chunks])
     chunks.clear()
@@ -224,17 +230,10 @@ def image_reference(chunks: list[tuple]) -> dict[str, float]:
 
 
 def benchmark_narrow(args, pixels: int) -> None:
-    import pickle
-
     chunks = list(narrow_chunks(pixels, args.size, args.chunk, args.levels, args.seed))
 
-    def engine() -> tuple[dict, int]:
-        acc = MetricAccumulator()
-        for scores, labels, maps, masks in chunks:
-            acc.update(scores, labels, maps, masks)
-        return acc.compute(), len(pickle.dumps(acc.state_dict()))
-
-    (result, state_bytes), seconds, peak = measured(engine)
+    result, seconds, peak = measured(partial(run_engine, chunks, "cpu"))
+    state_bytes = result["state_bytes"]
     reference = counted_reference(chunks, args.levels)
     distinct = reference.pop("distinct")
     reference.update(image_reference(chunks))
@@ -269,6 +268,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ap-f1", action="store_true", help="also check P-AP and P-F1max against sklearn")
+    parser.add_argument("--engine-only", action="store_true", help="continuous: skip the references")
     parser.add_argument("--case", choices=("continuous", "narrow"), default="continuous")
     parser.add_argument("--levels", type=float, default=1e6, help="narrow: distinct pixel scores")
     parser.add_argument("--sklearn", action="store_true", help="narrow: check the reference against sklearn")
