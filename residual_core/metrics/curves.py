@@ -1,7 +1,7 @@
 """ROC, precision-recall and PRO curves from binned counts, and the metrics defined on them.
 
 Thresholds are the occupied bins, highest first; a bin acts as one threshold, exactly as
-scikit-learn groups tied scores. With shift 0 every bin is one float32 value, so the results equal the
+scikit-learn groups tied scores. With shift 0 every bin is one float64 value, so the results equal the
 sort-based computations up to float64 rounding.
 """
 
