@@ -1,23 +1,37 @@
-"""Metrics engine vs exact sort-based references at 10^7 and 10^8 pixels.
+"""Metrics engine vs exact references: continuous scores at 10^7 and 10^8 pixels, and 10^8 pixels
+with 10^6 distinct scores in a narrow range.
 
-For each size it streams synthetic anomaly maps (256x256 images, half of them with rectangular
-anomalies, generated chunk by chunk from a seed) through ``MetricAccumulator`` and times the whole
-engine (all image and pixel metrics, AUPRO included). It then rebuilds the same pixels in memory and
-times scikit-learn's ``roc_auc_score`` (pixel AUROC) and an exact sort-based AUPRO (one global sort,
+``continuous`` (the first table): it streams synthetic anomaly maps (256x256 images, half of them with
+rectangular anomalies, generated chunk by chunk from a seed) through ``MetricAccumulator`` and times the
+whole engine (all image and pixel metrics, AUPRO included). It then rebuilds the same pixels in memory
+and times scikit-learn's ``roc_auc_score`` (pixel AUROC) and an exact sort-based AUPRO (one global sort,
 per-pixel weights 1/|region|, cumulative sums), and prints the largest absolute difference of the
-engine from each reference together with the engine's certified error bounds. Peak memory is the
-tracemalloc peak above what was allocated before the measured call (numpy reports its buffers to
-tracemalloc), so neither figure includes the input pixels (generated beforehand; the engine streams
-them in chunks of ``--chunk`` images).
+engine from each reference together with the engine's certified error bounds.
 
-    .venv/bin/python benchmarks/metrics.py                       # the RESULTS.md run
-    .venv/bin/python benchmarks/metrics.py --pixels 1e6 --ap-f1  # quick run, AP/F1 references too
+``narrow`` (issue 13): every pixel score is one of ``--levels`` float32 values 1e-7 apart in
+[0.5, 0.6) (uniform on the lower three quarters of the range for normal pixels, on the upper three
+quarters inside 1-3 rectangular regions of every other image), so both classes cover most of the
+distinct values; image scores (mean of the 256 highest pixels plus noise) are float64. The exact
+reference counts the pixels of every distinct value per class (and the 1/|region| weights) chunk by
+chunk, then forms every metric from those counts, thresholds at every distinct value: the sort-based
+definition with ties grouped, in O(levels) memory whatever the number of pixels. ``--sklearn`` also
+checks that reference against scikit-learn and the sort-based AUPRO on the same pixels (small sizes).
+
+Peak memory is the tracemalloc peak above what was allocated before the measured call (numpy reports
+its buffers to tracemalloc), so no figure includes the input pixels (generated beforehand; the engine
+streams them in chunks of ``--chunk`` images). "state" is the pickled ``state_dict()``.
+
+    .venv/bin/python benchmarks/metrics.py                         # continuous, 10^7 and 10^8 pixels
+    .venv/bin/python benchmarks/metrics.py --pixels 1e6 --ap-f1    # quick run, AP/F1 references too
+    .venv/bin/python benchmarks/metrics.py --case narrow --pixels 1e8           # issue 13's case
+    .venv/bin/python benchmarks/metrics.py --case narrow --pixels 1e6 --sklearn # reference check
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import pickle
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -27,8 +41,10 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from residual_core.metrics import MetricAccumulator
+from residual_core.metrics import IMAGE_METRICS, MetricAccumulator
 from residual_core.metrics.regions import anomalous_pixel_regions
+
+NARROW_STEP = 1e-7  # float32 spacing near 0.5 is 6e-8: consecutive levels stay distinct
 
 
 def synthetic_chunks(pixels: int, size: int, chunk_images: int, seed: int) -> Iterator[tuple]:
@@ -64,12 +80,13 @@ def measured(fn: Callable[[], object]) -> tuple[object, float, int]:
 
 
 def run_engine(chunks: list[tuple], device: str) -> dict:
+    """All metrics of ``chunks``, plus ``state_bytes``: the size of the pickled state (what a shard ships)."""
     acc = MetricAccumulator()
     for scores, labels, maps, masks in chunks:
         if device != "cpu":
             maps = torch.from_numpy(maps).to(device)
         acc.update(scores, labels, maps, masks)
-    return acc.compute()
+    return {**acc.compute(), "state_bytes": len(pickle.dumps(acc.state_dict()))}
 
 
 def exact_sorted_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
@@ -87,6 +104,12 @@ def exact_sorted_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) 
     fpr = np.cumsum(normal)[last_of_tie] / float(normal.sum())
     del normal
     pro = np.cumsum(weights[order])[last_of_tie] / (len(sizes) - 1)
+    return area_to_limit(fpr, pro, limit)
+
+
+def area_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
+    """Trapezoid area of the curve from (0, 0) through (fpr, pro) on [0, limit], interpolated at the limit,
+    divided by the limit."""
     fpr, pro = np.append(0.0, fpr), np.append(0.0, pro)
     end = int(np.searchsorted(fpr, limit))  # first point at or beyond the limit
     y_at = pro[end - 1] + (pro[end] - pro[end - 1]) * (limit - fpr[end - 1]) / (fpr[end] - fpr[end - 1])
@@ -103,13 +126,17 @@ def benchmark(args, pixels: int) -> list[tuple]:
     chunks = list(synthetic_chunks(pixels, args.size, args.chunk, args.seed))
     result, seconds, peak = measured(partial(run_engine, chunks, "cpu"))
     bounds, resolution = result["resolution"]["error_bounds"], result["resolution"]
-    print(f"[{pixels:.0e}] engine cpu {seconds:.1f}s peak {peak / 2**20:.0f} MiB "
-          f"shift {resolution['pixel_shift']} bins {resolution['pixel_bins']}", flush=True)
+    print(f"[{pixels:.0e}] engine cpu {seconds:.1f}s peak {peak / 2**20:.0f} MiB state "
+          f"{result['state_bytes'] / 2**20:.1f} MiB shift {resolution['pixel_shift']} bins "
+          f"{resolution['pixel_bins']} bounds " + " ".join(f"{k} {v:.1e}" for k, v in bounds.items()),
+          flush=True)
     engine_rows = [("engine (numpy, all 7 metrics)", seconds, peak)]
     if args.device != "cpu" and torch.cuda.is_available():
         on_device, device_seconds, device_peak = measured(partial(run_engine, chunks, args.device))
         assert on_device["P-AUROC"] == result["P-AUROC"] and on_device["AUPRO@0.3"] == result["AUPRO@0.3"]
         engine_rows.append((f"engine ({args.device} maps)", device_seconds, device_peak))
+    if args.engine_only:
+        return [(pixels, name, secs, mem, "", "") for name, secs, mem in engine_rows]
     maps = np.concatenate([c[2] for c in chunks])
     masks = np.concatenate([c[3] for c in chunks])
     chunks.clear()
@@ -135,6 +162,104 @@ def benchmark(args, pixels: int) -> list[tuple]:
     return rows
 
 
+def narrow_chunks(pixels: int, size: int, chunk_images: int, levels: int, seed: int) -> Iterator[tuple]:
+    """Yield (image scores float64, labels, maps float32 [B,S,S] on a grid of ``levels`` values, masks)."""
+    rng = np.random.default_rng(seed)
+    grid = narrow_grid(levels)
+    images = max(2, round(pixels / (size * size)))
+    for start in range(0, images, chunk_images):
+        count = min(chunk_images, images - start)
+        masks = np.zeros((count, size, size), dtype=bool)
+        labels = (np.arange(start, start + count) % 2).astype(np.int64)
+        for i in np.flatnonzero(labels):
+            for _ in range(int(rng.integers(1, 4))):
+                h, w = rng.integers(2, size // 4, 2)
+                y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+                masks[i, y:y + h, x:x + w] = True
+        position = rng.random((count, size, size), dtype=np.float32) * 0.75
+        position += masks * np.float32(0.25)  # anomalous pixels: a quarter of the range higher
+        level = np.minimum((position * levels).astype(np.int64), levels - 1)
+        del position
+        maps = grid[level]
+        del level
+        top = np.sort(maps.reshape(count, -1), axis=1)[:, -256:]  # mean of the 256 highest, in float64
+        noise = rng.normal(scale=0.08 * levels * NARROW_STEP, size=count)  # 8% of the score range
+        scores = top.astype(np.float64).mean(axis=1) + noise
+        yield scores, labels, maps, masks
+
+
+def narrow_grid(levels: int) -> np.ndarray:
+    grid = (0.5 + np.arange(levels) * NARROW_STEP).astype(np.float32)
+    if len(np.unique(grid)) != levels:
+        raise ValueError(f"{levels} levels {NARROW_STEP} apart are not distinct in float32")
+    return grid
+
+
+def counted_reference(chunks: list[tuple], levels: int, limit: float = 0.3) -> dict[str, float]:
+    """Exact pixel metrics from per-value counts (every distinct score a threshold, ties grouped)."""
+    grid = narrow_grid(levels)
+    negatives = np.zeros(levels, dtype=np.int64)
+    positives = np.zeros(levels, dtype=np.int64)
+    overlap = np.zeros(levels)  # sum over anomalous pixels of 1/|region|
+    regions = 0
+    for _, _, maps, masks in chunks:
+        level = np.searchsorted(grid, maps)  # maps hold grid values only
+        negatives += np.bincount(level[~masks], minlength=levels)
+        positives += np.bincount(level[masks], minlength=levels)
+        region, sizes = anomalous_pixel_regions(masks)
+        overlap += np.bincount(level[masks], weights=1.0 / sizes[region], minlength=levels)
+        regions += len(sizes) - 1
+    seen = (negatives + positives)[::-1] > 0  # thresholds: the distinct values present, highest first
+    tp = np.cumsum(positives[::-1])[seen].astype(np.float64)
+    fp = np.cumsum(negatives[::-1])[seen].astype(np.float64)
+    pro = np.cumsum(overlap[::-1])[seen] / regions
+    p, n = tp[-1], fp[-1]
+    fpr, tpr = np.append(0.0, fp / n), np.append(0.0, tp / p)
+    return {"P-AUROC": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2),
+            "P-AP": float(np.sum(np.diff(np.append(0.0, tp)) / p * tp / (tp + fp))),
+            "P-F1max": float(np.max(2 * tp / (tp + fp + p))),
+            f"AUPRO@{limit:g}": area_to_limit(fp / n, pro, limit),
+            "distinct": int(seen.sum())}
+
+
+def image_reference(chunks: list[tuple]) -> dict[str, float]:
+    labels = np.concatenate([c[1] for c in chunks])
+    scores = np.concatenate([c[0] for c in chunks])  # float64, as the engine sees them
+    return dict(zip(IMAGE_METRICS, (roc_auc_score(labels, scores), average_precision_score(labels, scores),
+                                    f1_max(labels, scores)), strict=True))
+
+
+def benchmark_narrow(args, pixels: int) -> None:
+    chunks = list(narrow_chunks(pixels, args.size, args.chunk, args.levels, args.seed))
+
+    result, seconds, peak = measured(partial(run_engine, chunks, "cpu"))
+    state_bytes = result["state_bytes"]
+    reference = counted_reference(chunks, args.levels)
+    distinct = reference.pop("distinct")
+    reference.update(image_reference(chunks))
+    resolution = result["resolution"]
+    print(f"\n[narrow {pixels:.0e}] {distinct} distinct pixel scores; engine cpu {seconds:.1f}s peak "
+          f"{peak / 2**20:.0f} MiB, state {state_bytes / 2**20:.1f} MiB, pixel shift "
+          f"{resolution['pixel_shift']}, {resolution['pixel_bins']} bins", flush=True)
+    checks = {"exact counts": reference}
+    if args.sklearn:
+        flat_labels = np.concatenate([c[3] for c in chunks]).reshape(-1)
+        flat_maps = np.concatenate([c[2] for c in chunks]).reshape(-1)
+        checks["scikit-learn / sort-based"] = {
+            "P-AUROC": roc_auc_score(flat_labels, flat_maps),
+            "P-AP": average_precision_score(flat_labels, flat_maps),
+            "P-F1max": f1_max(flat_labels, flat_maps),
+            "AUPRO@0.3": exact_sorted_aupro(np.concatenate([c[2] for c in chunks]),
+                                            np.concatenate([c[3] for c in chunks]))}
+        print("reference check: max |exact counts - sklearn| = "
+              f"{max(abs(reference[k] - v) for k, v in checks['scikit-learn / sort-based'].items()):.1e}")
+    print("| pixels | distinct scores | metric | engine | reference | abs diff | bound |")
+    print("|---|---|---|---|---|---|---|")
+    for name, exact in reference.items():
+        print(f"| {pixels:.0e} | {distinct} | {name} | {result[name]:.10f} | {exact:.10f} | "
+              f"{abs(result[name] - exact):.1e} | {resolution['error_bounds'][name]:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pixels", type=float, nargs="+", default=[1e7, 1e8])
@@ -143,7 +268,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ap-f1", action="store_true", help="also check P-AP and P-F1max against sklearn")
+    parser.add_argument("--engine-only", action="store_true", help="continuous: skip the references")
+    parser.add_argument("--case", choices=("continuous", "narrow"), default="continuous")
+    parser.add_argument("--levels", type=float, default=1e6, help="narrow: distinct pixel scores")
+    parser.add_argument("--sklearn", action="store_true", help="narrow: check the reference against sklearn")
     args = parser.parse_args()
+    if args.case == "narrow":
+        args.levels = int(args.levels)
+        for pixels in args.pixels:
+            benchmark_narrow(args, int(pixels))
+            gc.collect()
+        return
     rows = []
     for pixels in args.pixels:
         rows.extend(benchmark(args, int(pixels)))

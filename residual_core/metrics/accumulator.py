@@ -13,12 +13,20 @@ import numpy as np
 import torch
 
 from residual_core.metrics import curves
-from residual_core.metrics.encoding import encode_numpy, encode_torch
+from residual_core.metrics.encoding import (
+    FLOAT32_ZERO_BITS,
+    as_float_array,
+    encode_numpy,
+    encode_torch,
+    shift_keys,
+)
 from residual_core.metrics.histogram import OVERLAP_BITS, AlignedBins, CollapsingHistogram
 from residual_core.metrics.reduce import reduce_anomalous, reduce_numpy, reduce_torch
 from residual_core.metrics.regions import anomalous_pixel_regions
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: float64 keys, capacity counts distinct scores, compact arrays; 1 still read
+READABLE_VERSIONS = (1, 2)
+VERSION_1_PIXEL_CAPACITY = 1 << 20  # version 1's default, read as today's so that resumed jobs merge
 IMAGE_METRICS = ("I-AUROC", "I-AP", "I-F1max")
 
 
@@ -30,7 +38,7 @@ def pixel_metric_names(aupro_limit: float = 0.3) -> tuple[str, ...]:
 class AccumulatorConfig:
     pixel: bool = True
     aupro_limit: float = 0.3
-    pixel_capacity: int = 1 << 20  # bins; ~28 bytes each
+    pixel_capacity: int = 1 << 21  # distinct scores kept exactly (see docs/metrics.md, "Memory")
     image_capacity: int = 1 << 16
 
 
@@ -49,7 +57,10 @@ class SampleCounts:
 
 def _to_numpy(values, name: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
+        values = values.detach()
+        if values.dtype == torch.bfloat16:  # numpy has no bfloat16 (autocast output); bf16 -> fp32 is exact
+            values = values.float()
+        return values.cpu().numpy()
     return np.asarray(values)
 
 
@@ -68,7 +79,7 @@ def _squeeze_channel(array, name: str):
 
 def _error_bounds(bins: AlignedBins, c: curves.CumulativeCounts, names: tuple[str, ...], regions: int | None,
                   limit: float) -> dict[str, float]:
-    """Certified worst-case error per metric: 0 while every bin is one float32 value (shift 0), except
+    """Certified worst-case error per metric: 0 while every bin is one float64 value (shift 0), except
     AUPRO's fixed-point overlap (below 2**-32 at every threshold)."""
     if bins.shift == 0:
         bounds = dict.fromkeys(names, 0.0)
@@ -83,7 +94,7 @@ def _error_bounds(bins: AlignedBins, c: curves.CumulativeCounts, names: tuple[st
 class MetricAccumulator:
     """Accumulates (image score, label, anomaly map, mask) batches; ``compute()`` gives the metrics."""
 
-    def __init__(self, pixel: bool = True, aupro_limit: float = 0.3, pixel_capacity: int = 1 << 20,
+    def __init__(self, pixel: bool = True, aupro_limit: float = 0.3, pixel_capacity: int = 1 << 21,
                  image_capacity: int = 1 << 16) -> None:
         if not 0.0 < aupro_limit <= 1.0:
             raise ValueError(f"aupro_limit must be in (0, 1], got {aupro_limit}")
@@ -99,7 +110,7 @@ class MetricAccumulator:
         ``image_scores`` [B]; ``labels`` [B] in {0, 1}; ``anomaly_maps`` [B, H, W] (numpy or torch; a CUDA
         tensor is reduced on its device); ``masks`` [B, H, W] bool or {0, 1}; ``has_mask`` [B] bool.
         """
-        scores = _to_numpy(image_scores, "image_scores").reshape(-1)
+        scores = as_float_array(image_scores, "image_scores").reshape(-1)
         labels = _to_numpy(labels, "labels").reshape(-1)
         batch = scores.shape[0]
         if labels.shape[0] != batch:
@@ -108,7 +119,7 @@ class MetricAccumulator:
             raise ValueError(f"labels must be 0 (normal) or 1 (anomalous), got {np.unique(labels).tolist()}")
         anomalous = labels.astype(bool)
         image_shift = self.image_hist.shift
-        keys = encode_numpy(scores, "image_scores") >> np.uint32(image_shift)
+        keys = shift_keys(encode_numpy(scores, "image_scores"), image_shift)
         image_part = reduce_numpy(keys, anomalous, image_shift)
         added = SampleCounts(images=batch, normal_images=int((~anomalous).sum()),
                              anomalous_images=int(anomalous.sum()))
@@ -157,13 +168,15 @@ class MetricAccumulator:
             part = reduce_torch(keys, torch.from_numpy(binary.reshape(-1)).to(device), shift,
                                 torch.from_numpy(region).to(device), torch.from_numpy(region_sizes))
         else:
-            maps = _to_numpy(maps, "anomaly_maps")
-            keys = encode_numpy(maps if everything else maps[index], "anomaly_maps")
-            if shift:
-                keys >>= np.uint32(shift)
+            maps = as_float_array(maps, "anomaly_maps")
+            keys = shift_keys(encode_numpy(maps if everything else maps[index], "anomaly_maps"), shift)
             positive = binary.reshape(-1)
             part = (None, reduce_anomalous(keys[positive], shift, region, region_sizes))
-            self.pixel_hist.add_normal_keys(keys[~positive], shift)
+            zero_bits = FLOAT32_ZERO_BITS if maps.dtype.kind == "f" and maps.dtype.itemsize <= 4 else 0
+            normal_keys = keys[~positive]
+            del keys
+            self.pixel_hist.add_normal_keys(normal_keys, shift, zero_bits, fold=False)
+            del normal_keys  # the batch's keys are freed before ``add`` folds (and maybe collapses)
         self.pixel_hist.add(*part)
         return len(region_sizes) - 1, empty
 
@@ -190,13 +203,17 @@ class MetricAccumulator:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> MetricAccumulator:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported metric state version {state.get('version')!r}; "
-                             f"expected {STATE_VERSION}")
-        out = cls(**state["config"])
+                             f"expected one of {READABLE_VERSIONS}")
+        config = dict(state["config"])
+        if state["version"] == 1 and config["pixel_capacity"] == VERSION_1_PIXEL_CAPACITY:
+            config["pixel_capacity"] = AccumulatorConfig.pixel_capacity  # that version's default: today's
+        out = cls(**config)
         out.counts = SampleCounts(**state["counts"])
         out.image_hist = CollapsingHistogram.from_state_dict(state["image_histogram"])
         out.pixel_hist = CollapsingHistogram.from_state_dict(state["pixel_histogram"])
+        out.pixel_hist.capacity = out.config.pixel_capacity  # capacities only grow: the bins stay valid
         return out
 
     # -- results ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """ROC, precision-recall and PRO curves from binned counts, and the metrics defined on them.
 
 Thresholds are the occupied bins, highest first; a bin acts as one threshold, exactly as
-scikit-learn groups tied scores. With shift 0 every bin is one float32 value, so the results equal the
+scikit-learn groups tied scores. With shift 0 every bin is one float64 value, so the results equal the
 sort-based computations up to float64 rounding.
 """
 
@@ -84,24 +84,36 @@ def error_bounds(c: CumulativeCounts, regions: int | None, limit: float = 0.3) -
     whole rectangle for the bin cut by the AUPRO limit),
     F1 by at most max 2 tp[b] / (tp[b] + fp[b-1] + P) minus the best boundary F1, and AP by the spread
     of precision inside each bin times the bin's recall step.
+
+    Only bins holding anomalous samples can contribute (elsewhere TP and the overlap do not move, and F1
+    only falls as FP grows), so the arrays are those bins' only: memory follows the anomalous bins.
     """
-    tp_hi = c.true_positives.astype(np.float64)
-    fp_hi = c.false_positives.astype(np.float64)
-    tp_lo, fp_lo = _with_origin(c.true_positives)[:-1], _with_origin(c.false_positives)[:-1]
+    tp, fp = c.true_positives, c.false_positives
+    bins = np.flatnonzero(np.diff(tp, prepend=0) > 0)
+    previous = bins - 1
+    first = previous < 0
+    previous[first] = 0
+
+    def edges(cumulative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo = cumulative[previous].astype(np.float64)
+        lo[first] = 0.0
+        return cumulative[bins].astype(np.float64), lo
+
+    (tp_hi, tp_lo), (fp_hi, fp_lo) = edges(tp), edges(fp)
     positives, negatives = float(c.positives), float(c.negatives)
     bounds = {"auroc": float(np.sum((fp_hi - fp_lo) * (tp_hi - tp_lo)) / (2 * positives * negatives))}
     precision = tp_hi / (tp_hi + fp_hi)
-    has_positives = tp_hi > tp_lo
-    best_inside = np.where(has_positives, tp_hi / np.maximum(tp_hi + fp_lo, 1.0), 0.0)
-    worst_inside = np.where(has_positives, (tp_lo + 1) / (tp_lo + 1 + fp_hi), 0.0)
+    best_inside = tp_hi / np.maximum(tp_hi + fp_lo, 1.0)
+    worst_inside = (tp_lo + 1) / (tp_lo + 1 + fp_hi)
     spread = np.maximum(best_inside - precision, precision - worst_inside)
-    bounds["ap"] = float(np.sum((tp_hi - tp_lo) / positives * np.where(has_positives, spread, 0.0)))
-    bounds["f1max"] = float(np.max(2 * tp_hi / (tp_hi + fp_lo + positives)) - f1_max(c))
+    bounds["ap"] = float(np.sum((tp_hi - tp_lo) / positives * spread))
+    bounds["f1max"] = float(np.max(2 * tp_hi / (tp_hi + fp_lo + positives), initial=0.0) - f1_max(c))
     if regions:
         fpr_hi, fpr_lo = fp_hi / negatives, fp_lo / negatives
-        pro = _with_origin(c.overlap) / (float(regions) * 2.0**OVERLAP_BITS)
+        pro_hi, pro_lo = edges(c.overlap)
+        scale = float(regions) * 2.0**OVERLAP_BITS
         below = fpr_lo < limit
         width = np.minimum(fpr_hi, limit) - fpr_lo
         share = np.where(fpr_hi > limit, 1.0, 0.5)  # the bin cut by the limit: interpolation is no midpoint
-        bounds["aupro"] = float(np.sum((width * np.diff(pro) * share)[below]) / limit)
+        bounds["aupro"] = float(np.sum((width * ((pro_hi - pro_lo) / scale) * share)[below]) / limit)
     return bounds

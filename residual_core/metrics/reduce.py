@@ -1,6 +1,7 @@
 """Reduce one batch of scored samples to ``BinCounts`` (numpy on CPU, torch on any device).
 
-Inputs are flat: ``keys`` (order-preserving keys already shifted to the histogram's resolution),
+Inputs are flat: ``keys`` (order-preserving keys already shifted to the histogram's resolution: uint64
+on the CPU, the signed int64 keys of ``encode_torch`` on a device),
 ``positive`` (anomalous sample or pixel) and, for AUPRO, ``region`` (connected-component id, 1..R, of
 each anomalous pixel in order, unique within the batch) with ``region_sizes`` (pixels per id).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from residual_core.metrics.encoding import torch_keys_to_numpy
 from residual_core.metrics.histogram import (
     MAX_REGION_PIXELS,
     OVERLAP_BITS,
@@ -34,13 +36,13 @@ def _check_region_sizes(region_sizes: np.ndarray) -> None:
 
 
 def reduce_anomalous(keys: np.ndarray, shift: int, region: np.ndarray, region_sizes: np.ndarray) -> BinCounts:
-    """Anomalous pixels (uint32 keys at ``shift``, their region ids 1..R) -> counts and per-region overlap."""
+    """Anomalous pixels (uint64 keys at ``shift``, their region ids 1..R) -> counts and per-region overlap."""
     _check_region_sizes(region_sizes)
-    composite = np.sort((region.astype(np.uint64) << np.uint64(32)) | keys.astype(np.uint64))
+    unique_keys, rank = np.unique(keys, return_inverse=True)  # ranks < 2**32: they pack beside the region
+    composite = np.sort((region.astype(np.uint64) << np.uint64(32)) | rank.reshape(-1).astype(np.uint64))
     starts = group_starts(composite)
     group_region = (composite[starts] >> np.uint64(32)).astype(np.int64)
-    group_key = (composite[starts] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    group_count = np.diff(np.append(starts, composite.shape[0])).astype(np.int64)
+    group_rank = (composite[starts] & np.uint64(0xFFFFFFFF)).astype(np.int64)
     region_first = np.searchsorted(composite >> np.uint64(32), group_region.astype(np.uint64), side="left")
     size = region_sizes[group_region].astype(np.int64)
     tail = size - (starts - region_first)  # region pixels with key >= this group's key
@@ -48,16 +50,15 @@ def reduce_anomalous(keys: np.ndarray, shift: int, region: np.ndarray, region_si
     next_scaled = np.append(scaled[1:], 0)
     next_scaled[np.append(group_region[1:] != group_region[:-1], True)] = 0  # last group of a region
     contribution = scaled - next_scaled
-    order = np.argsort(group_key, kind="stable")
-    sorted_key = group_key[order]
-    key_starts = group_starts(sorted_key)
-    return BinCounts(shift, sorted_key[key_starts], segment_sums(group_count[order], key_starts),
-                     segment_sums(contribution[order], key_starts))
+    order = np.argsort(group_rank, kind="stable")  # every rank has a group: one segment per unique key
+    counts = np.bincount(rank.reshape(-1), minlength=len(unique_keys)).astype(np.int64)
+    overlap = segment_sums(contribution[order], group_starts(group_rank[order]))
+    return BinCounts(shift, unique_keys, counts, overlap)
 
 
 def reduce_numpy(keys: np.ndarray, positive: np.ndarray, shift: int, region: np.ndarray | None = None,
                  region_sizes: np.ndarray | None = None) -> tuple[BinCounts, BinCounts]:
-    """CPU reduction to (normal, anomalous) bins; ``keys`` uint32 at ``shift``; ``region`` (ids of the
+    """CPU reduction to (normal, anomalous) bins; ``keys`` uint64 at ``shift``; ``region`` (ids of the
     positive samples, in order) and ``region_sizes`` enable the per-region overlap."""
     normal = counts_of_keys(keys[~positive], shift)
     if region is None:
@@ -68,23 +69,25 @@ def reduce_numpy(keys: np.ndarray, positive: np.ndarray, shift: int, region: np.
 
 
 def _to_host(shift: int, keys: torch.Tensor, counts: torch.Tensor, overlap: torch.Tensor | None) -> BinCounts:
-    return BinCounts(shift, keys.cpu().numpy().astype(np.uint32), counts.cpu().numpy().astype(np.int64),
+    return BinCounts(shift, torch_keys_to_numpy(keys, shift), counts.cpu().numpy().astype(np.int64),
                      None if overlap is None else overlap.cpu().numpy().astype(np.int64))
 
 
 def reduce_torch(keys: torch.Tensor, positive: torch.Tensor, shift: int, region: torch.Tensor | None = None,
                  region_sizes: torch.Tensor | None = None) -> tuple[BinCounts, BinCounts]:
-    """Device reduction (int64 keys at ``shift``); only the compact result is copied to the host."""
+    """Device reduction (signed int64 keys of ``encode_torch``, shifted by ``shift``); only the compact
+    result is copied to the host."""
     normal = _to_host(shift, *torch.unique(keys[~positive], sorted=True, return_counts=True), None)
     pos_keys = keys[positive]
     if region is None:
         pos_keys, pos_counts = torch.unique(pos_keys, sorted=True, return_counts=True)
         return normal, _to_host(shift, pos_keys, pos_counts, torch.zeros_like(pos_counts))
     _check_region_sizes(region_sizes.cpu().numpy())
-    composite, group_count = torch.unique((region.to(torch.int64) << 32) | pos_keys, sorted=True,
+    unique_key, rank = torch.unique(pos_keys, sorted=True, return_inverse=True)
+    composite, group_count = torch.unique((region.to(torch.int64) << 32) | rank, sorted=True,
                                           return_counts=True)
     group_region = composite >> 32
-    group_key = composite & 0xFFFFFFFF
+    group_rank = composite & 0xFFFFFFFF
     group_start = torch.cumsum(group_count, 0) - group_count
     region_first_pixel = group_start[torch.searchsorted(group_region, group_region, side="left")]
     size = region_sizes.to(keys.device, torch.int64)[group_region]
@@ -95,7 +98,6 @@ def reduce_torch(keys: torch.Tensor, positive: torch.Tensor, shift: int, region:
                                 group_region.new_ones(1, dtype=torch.bool)])
     next_scaled[last_of_region] = 0
     contribution = scaled - next_scaled
-    unique_key, inverse = torch.unique(group_key, sorted=True, return_inverse=True)
-    pos_counts = torch.zeros_like(unique_key).index_add_(0, inverse, group_count)
-    overlap = torch.zeros_like(unique_key).index_add_(0, inverse, contribution)
+    pos_counts = torch.zeros_like(unique_key).index_add_(0, group_rank, group_count)
+    overlap = torch.zeros_like(unique_key).index_add_(0, group_rank, contribution)
     return normal, _to_host(shift, unique_key, pos_counts, overlap)

@@ -1,4 +1,5 @@
-"""Exact sort-based reference metrics, written independently of the engine (per-image loops are fine here)."""
+"""Exact sort-based reference metrics, written independently of the engine (per-image loops are fine here),
+and a bit-for-bit comparison of histogram states."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ def f1_max_reference(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.nanmax(f1))
 
 
-def sklearn_metrics(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float, float]:
-    labels, scores = labels.ravel().astype(int), scores.ravel().astype(np.float32)
+def sklearn_metrics(labels: np.ndarray, scores: np.ndarray, dtype=np.float32) -> tuple[float, float, float]:
+    labels, scores = labels.ravel().astype(int), scores.ravel().astype(dtype)
     return (float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores)),
             f1_max_reference(labels, scores))
 
@@ -52,3 +53,16 @@ def exact_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> floa
     fpr = np.cumsum(normal)[last_of_tie] / normal.sum()
     pro = np.cumsum(weights)[last_of_tie] / regions
     return trapezoid_up_to(np.append(0.0, fpr), np.append(0.0, pro), limit) / limit
+
+
+def assert_same_histogram_state(state: dict, expected: dict) -> None:
+    """Bit-identical histogram states: same keys, same values, same dtypes."""
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            assert_same_histogram_state(state[key], value)
+        elif isinstance(value, np.ndarray):
+            assert state[key].dtype == value.dtype, key
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+        else:
+            assert state[key] == value, key

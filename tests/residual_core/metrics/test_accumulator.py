@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from residual_core.metrics import MetricAccumulator
-from tests.residual_core.metrics.references import exact_aupro, sklearn_metrics
+from residual_core.metrics.encoding import FLOAT32_ZERO_BITS, decode_numpy, encode_numpy
+from residual_core.metrics.histogram import CollapsingHistogram
+from tests.residual_core.metrics.references import assert_same_histogram_state, exact_aupro, sklearn_metrics
 
 TOLERANCE = 1e-4
 PIXEL_NAMES = ("P-AUROC", "P-AP", "P-F1max")
-STATE_ARRAYS = ("normal_keys", "normal_counts", "anomalous_keys", "anomalous_counts", "anomalous_overlap")
+
 
 
 def random_masks(rng: np.random.Generator, labels: np.ndarray, size: int, density: float) -> np.ndarray:
@@ -130,10 +132,8 @@ def test_shuffled_shard_merges_are_identical(capacity):
         rng.shuffle(accs)
         merged = accs[0].merge(accs[1]).merge(accs[2].merge(accs[3]))  # tree order, not a chain
         state = merged.state_dict()
-        assert state["pixel_histogram"]["shift"] == expected_state["pixel_histogram"]["shift"]
         for hist in ("image_histogram", "pixel_histogram"):
-            for key in STATE_ARRAYS:
-                np.testing.assert_array_equal(state[hist][key], expected_state[hist][key])
+            assert_same_histogram_state(state[hist], expected_state[hist])
         assert state["counts"] == expected_state["counts"]
         assert merged.compute() == one_pass.compute()
 
@@ -162,10 +162,10 @@ def test_state_is_bounded_by_capacity_not_images():
         hist = acc.pixel_hist
         queued = sum(len(p) for pair in hist.pending for p in pair if p is not None)
         window = 0 if hist.window is None else len(hist.window)
-        assert len(hist.normal) + len(hist.anomalous) <= 4096 and queued < 4096 + 4 * 32 * 32
+        assert len(hist.normal) + len(hist.anomalous) <= 2 * 4096 and queued < 4096 + 4 * 32 * 32
         assert window <= 2 * 4096
     state = acc.state_dict()["pixel_histogram"]
-    assert len(state["normal_keys"]) + len(state["anomalous_keys"]) <= 4096
+    assert len(state["normal_counts"]) <= 4096  # distinct scores (union of both classes)
 
 
 def test_images_without_mask_count_for_image_metrics_only():
@@ -238,8 +238,7 @@ def test_torch_inputs_give_the_same_state_as_numpy():
     acc.update(torch.from_numpy(scores), torch.from_numpy(labels), torch.from_numpy(maps)[:, None],
                torch.from_numpy(masks).float()[:, None])
     state = acc.state_dict()
-    for key in STATE_ARRAYS:
-        np.testing.assert_array_equal(state["pixel_histogram"][key], expected["pixel_histogram"][key])
+    assert_same_histogram_state(state["pixel_histogram"], expected["pixel_histogram"])
     assert acc.compute() == MetricAccumulator.from_state_dict(expected).compute()
 
 
@@ -250,6 +249,165 @@ def test_cuda_maps_are_reduced_on_device_with_identical_state():
     expected = accumulate(scores, labels, maps, masks).state_dict()
     acc = MetricAccumulator()
     acc.update(scores, labels, torch.from_numpy(maps).cuda(), torch.from_numpy(masks).cuda())
+    assert_same_histogram_state(acc.state_dict()["pixel_histogram"], expected["pixel_histogram"])
+
+
+# -- issue 13: float64, bfloat16/float16, capacity counted in distinct scores, state versions --------------
+
+
+def test_float64_scores_below_float32_resolution_stay_distinct():
+    """1.0 and 1.0 + 1e-12 are one float32 value (a tie: AUROC 0.5) but two float64 values (AUROC 1.0)."""
+    scores = np.array([1.0, 1.0, 1.0 + 1e-12, 1.0 + 2e-12])
+    labels = np.array([0, 0, 1, 1])
+    assert len(np.unique(scores.astype(np.float32))) == 1
+    maps = np.broadcast_to(scores[:, None, None], (4, 4, 4)).copy()
+    masks = np.zeros((4, 4, 4), dtype=bool)
+    masks[2:, 1:3, 1:3] = True
+    maps[masks] += 1e-12  # anomalous pixels just above every normal one, still one float32 value
+    acc = MetricAccumulator()
+    acc.update(scores, labels, maps, masks)
+    result = acc.compute()
+    for name in ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max"):
+        assert result[name] == 1.0, name
+    assert result["AUPRO@0.3"] == pytest.approx(1.0, abs=1e-9)
+    assert result["resolution"]["image_shift"] == result["resolution"]["pixel_shift"] == 0
+    for name in ("I-AUROC", "P-AUROC", "P-AP"):  # against sklearn on the float64 scores themselves
+        expected = sklearn_metrics(labels if name[0] == "I" else masks, scores if name[0] == "I" else maps,
+                                   dtype=np.float64)
+        assert result[name] == pytest.approx(expected[0 if "AUROC" in name else 1], abs=1e-12)
+
+
+@pytest.mark.parametrize("capacity", [1 << 20, 1 << 9])
+def test_float64_shards_merge_identically_in_any_order(capacity):
+    scores, labels, maps, masks = make_case("random", images=20, size=16)
+    rng = np.random.default_rng(5)
+    maps = maps.astype(np.float64) + rng.integers(0, 4, size=maps.shape) * 1e-13  # float32 ties split
+    scores = scores.astype(np.float64) + rng.integers(0, 4, size=scores.shape) * 1e-13
+    expected = accumulate(scores, labels, maps, masks, pixel_capacity=capacity).state_dict()
+    if capacity < 1 << 20:
+        assert expected["pixel_histogram"]["shift"] > 0
+    for _ in range(2):
+        order = rng.permutation(len(labels))
+        accs = [accumulate(scores[s], labels[s], maps[s], masks[s], batch=int(rng.integers(1, 5)),
+                           pixel_capacity=capacity) for s in (order[:7], order[7:12], order[12:])]
+        rng.shuffle(accs)
+        state = accs[0].merge(accs[1].merge(accs[2])).state_dict()
+        for hist in ("image_histogram", "pixel_histogram"):
+            assert_same_histogram_state(state[hist], expected[hist])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "numpy float16"])
+def test_half_precision_inputs_equal_the_float32_result(dtype):
+    scores, labels, maps, masks = make_case("random")
+    if dtype == "numpy float16":
+        half_scores, half_maps = scores.astype(np.float16), maps.astype(np.float16)
+        as32 = (half_scores.astype(np.float32), half_maps.astype(np.float32))
+    else:
+        torch_dtype = getattr(torch, dtype)
+        half_scores = torch.from_numpy(scores).to(torch_dtype)
+        half_maps = torch.from_numpy(maps).to(torch_dtype)
+        as32 = (half_scores.float().numpy(), half_maps.float().numpy())
+    acc = MetricAccumulator()
+    acc.update(half_scores, torch.from_numpy(labels), half_maps, torch.from_numpy(masks).to(torch.bfloat16))
+    expected = accumulate(as32[0], labels, as32[1], masks, batch=len(labels))
+    for hist in ("image_histogram", "pixel_histogram"):
+        assert_same_histogram_state(acc.state_dict()[hist], expected.state_dict()[hist])
+    assert acc.compute() == expected.compute()
+
+
+def narrow_range_case(levels: int, images: int = 16, size: int = 48, seed: int = 0):
+    """``levels`` distinct float32 scores in [0.5, 0.5 + levels * 1e-7): both classes cover most of them."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(images) % 2).astype(int)
+    masks = np.zeros((images, size, size), dtype=bool)
+    for i in np.flatnonzero(labels):
+        for _ in range(2):
+            h, w = rng.integers(4, size // 2, 2)
+            y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+            masks[i, y:y + h, x:x + w] = True
+    level = rng.random(masks.shape) * 0.85 + masks * rng.random(masks.shape) * 0.3
+    grid = (0.5 + np.arange(levels) * 1e-7).astype(np.float32)
+    maps = grid[np.minimum((level * levels).astype(np.int64), levels - 1)]
+    scores = maps.reshape(images, -1).max(axis=1) + rng.normal(scale=1e-6, size=images).astype(np.float32)
+    return scores, labels, maps, masks
+
+
+def test_capacity_counts_distinct_scores_not_bins_per_class():
+    """Normal and anomalous pixels share most scores: per-class bins exceed the capacity, distinct scores
+    do not, so the result is exact (counting bins per class collapsed it: P-AP off by 3e-4)."""
+    scores, labels, maps, masks = narrow_range_case(levels=3000)
+    normal_distinct, anomalous_distinct = len(np.unique(maps[~masks])), len(np.unique(maps[masks]))
+    distinct = len(np.unique(maps))
+    capacity = distinct + 100
+    assert normal_distinct + anomalous_distinct > capacity  # the per-class count would collapse
+    result = accumulate(scores, labels, maps, masks, pixel_capacity=capacity).compute()
+    assert result["resolution"]["pixel_shift"] == 0 and result["resolution"]["pixel_bins"] == distinct
+    assert set(result["resolution"]["error_bounds"].values()) <= {0.0, 2.0**-32}  # the bound: exact
+    assert_matches_references(result, scores, labels, maps, masks, tol=1e-9)  # well inside 1e-5
+
+
+@pytest.mark.parametrize("extra", [-200, -1500])
+def test_capacity_below_distinct_scores_stays_within_the_reported_bound(extra):
+    """Fewer bins than distinct scores: neighbours merge (here ~12 pixels a score, so the error is not
+    small), and the reported bound must hold."""
+    scores, labels, maps, masks = narrow_range_case(levels=3000)
+    capacity = len(np.unique(maps)) + extra
+    result = accumulate(scores, labels, maps, masks, pixel_capacity=capacity).compute()
+    resolution = result["resolution"]
+    assert resolution["pixel_shift"] > 0 and resolution["pixel_bins"] <= capacity
+    exact = dict(zip(PIXEL_NAMES, sklearn_metrics(masks, maps), strict=True))
+    exact["AUPRO@0.3"] = exact_aupro(maps, masks)
+    for name, value in exact.items():
+        assert abs(result[name] - value) <= resolution["error_bounds"][name] + 1e-12, name
+
+
+def version_1_state(acc: MetricAccumulator) -> dict:
+    """The version-1 format (float32 keys) of a float32 accumulator at shift 0, as that version wrote it."""
     state = acc.state_dict()
-    for key in STATE_ARRAYS:
-        np.testing.assert_array_equal(state["pixel_histogram"][key], expected["pixel_histogram"][key])
+    state["version"] = 1
+    for name, hist in (("image_histogram", acc.image_hist), ("pixel_histogram", acc.pixel_hist)):
+        hist.consolidate()
+        old = {"capacity": hist.capacity, "shift": 0}
+        for kind in ("normal", "anomalous"):
+            bins = getattr(hist, kind)
+            bits = decode_numpy(bins.keys).astype(np.float32).view(np.uint32)
+            old[f"{kind}_keys"] = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+            old[f"{kind}_counts"] = bins.counts
+        old["anomalous_overlap"] = hist.anomalous.overlap
+        state[name] = old
+    return state
+
+
+def test_version_1_states_are_still_read():
+    scores, labels, maps, masks = make_case("negative")
+    acc = accumulate(scores, labels, maps, masks)
+    old = version_1_state(acc)
+    old["config"]["pixel_capacity"] = old["pixel_histogram"]["capacity"] = 1 << 20  # version 1's default:
+    # read as today's, so that the shards of a job resumed across the upgrade merge
+    restored = MetricAccumulator.from_state_dict(old)
+    assert restored.config == acc.config
+    assert restored.compute() == acc.compute()
+    assert_same_histogram_state(restored.state_dict()["pixel_histogram"], acc.state_dict()["pixel_histogram"])
+    restored.merge(acc)
+
+
+def test_version_1_collapsed_state_converts_when_exact_and_refuses_otherwise():
+    values = np.random.default_rng(0).random(3000).astype(np.float32) + 0.5  # positive normal floats
+    for old_shift, data, ok in ((6, values, True), (6, -values, False)):
+        bits = data.view(np.uint32)
+        keys32 = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000)) >> np.uint32(old_shift)
+        unique, counts = np.unique(keys32, return_counts=True)
+        empty = np.zeros(0, dtype=np.int64)
+        state = {"capacity": 1 << 16, "shift": old_shift, "normal_keys": unique.astype(np.uint32),
+                 "normal_counts": counts.astype(np.int64), "anomalous_keys": empty.astype(np.uint32),
+                 "anomalous_counts": empty, "anomalous_overlap": empty}
+        if not ok:
+            with pytest.raises(ValueError, match="cannot be converted exactly"):
+                CollapsingHistogram.from_state_dict(state)
+            continue
+        hist = CollapsingHistogram.from_state_dict(state)
+        new_shift = old_shift + FLOAT32_ZERO_BITS
+        expected = np.unique(encode_numpy(data) >> np.uint64(new_shift), return_counts=True)
+        assert hist.normal.shift == new_shift
+        np.testing.assert_array_equal(hist.normal.keys, expected[0])
+        np.testing.assert_array_equal(hist.normal.counts, expected[1])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from residual_core.metrics.encoding import encode_numpy
+from residual_core.metrics.encoding import FLOAT32_ZERO_BITS, encode_numpy
 from residual_core.metrics.histogram import (
     BinCounts,
     CollapsingHistogram,
@@ -12,12 +12,13 @@ from residual_core.metrics.histogram import (
     segment_sums,
 )
 from residual_core.metrics.reduce import reduce_numpy
+from tests.residual_core.metrics.references import assert_same_histogram_state
 
 
 def histogram_of(values: np.ndarray, positive: np.ndarray, capacity: int, chunk: int) -> CollapsingHistogram:
     hist = CollapsingHistogram(capacity)
     for start in range(0, len(values), chunk):
-        keys = encode_numpy(values[start:start + chunk]) >> np.uint32(hist.shift)
+        keys = encode_numpy(values[start:start + chunk]) >> np.uint64(hist.shift)
         hist.add(*reduce_numpy(keys, positive[start:start + chunk], hist.shift))
     return hist.consolidate()
 
@@ -37,24 +38,22 @@ def test_collapse_is_the_smallest_shift_that_fits_whatever_the_chunking():
     positive = rng.random(5000) < 0.3
     states = [histogram_of(values, positive, 256, chunk).state_dict() for chunk in (7, 100, 5000)]
     for state in states[1:]:
-        for key, value in states[0].items():
-            np.testing.assert_array_equal(value, state[key])
+        assert_same_histogram_state(state, states[0])
     shift = states[0]["shift"]
-    assert shift > 0 and len(states[0]["normal_keys"]) + len(states[0]["anomalous_keys"]) <= 256
+    assert shift > 0 and len(states[0]["normal_counts"]) <= 256  # distinct keys of both classes together
     finer = CollapsingHistogram(10**6)
-    finer.add(*reduce_numpy(encode_numpy(values) >> np.uint32(shift - 1), positive, shift - 1))
-    finer.consolidate()
+    finer.add(*reduce_numpy(encode_numpy(values) >> np.uint64(shift - 1), positive, shift - 1))
     assert finer.shift == shift - 1
-    assert len(finer.normal) + len(finer.anomalous) > 256  # one bit finer would not fit
+    assert len(finer.aligned()) > 256  # one bit finer would not fit
 
 
 def test_coarsen_refuses_to_refine_and_segment_sums_are_exact():
-    bins = BinCounts(3, np.array([1, 2], dtype=np.uint32), np.array([1, 1]))
+    bins = BinCounts(3, np.array([1, 2], dtype=np.uint64), np.array([1, 1]))
     with pytest.raises(ValueError, match="refine"):
         bins.coarsen(2)
     big = np.array([2**62, 2**62 - 1, 5], dtype=np.int64)
     np.testing.assert_array_equal(segment_sums(big, np.array([0, 2])), [2**63 - 1, 5])
-    merged = combine([bins, BinCounts(4, np.array([1], dtype=np.uint32), np.array([4]))])
+    merged = combine([bins, BinCounts(4, np.array([1], dtype=np.uint64), np.array([4]))])
     assert merged.shift == 4 and merged.keys.tolist() == [0, 1] and merged.counts.tolist() == [1, 5]
 
 
@@ -62,7 +61,8 @@ def test_bad_state_and_capacity_are_rejected():
     with pytest.raises(ValueError, match="capacity"):
         CollapsingHistogram(1)
     state = histogram_of(np.arange(10, dtype=np.float32), np.arange(10) % 2 == 0, 64, 10).state_dict()
-    state["normal_keys"] = state["normal_keys"][::-1].copy()
+    state["key_steps"] = {**state["key_steps"], "small": state["key_steps"]["small"].copy()}
+    state["key_steps"]["small"][3] = 0  # a repeated key
     with pytest.raises(ValueError, match="sorted"):
         CollapsingHistogram.from_state_dict(state)
     with pytest.raises(ValueError, match="capacity"):
@@ -76,16 +76,17 @@ def test_dense_window_and_sparse_paths_give_the_same_state(capacity):
     chunks = [np.concatenate([rng.normal(size=300), rng.choice([1e30, -1e-30], 5)]).astype(np.float32)
               for _ in range(6)]
     states = []
-    for route in ("window", "sparse", "mixed"):
+    for route in ("window", "float32 window", "sparse", "mixed"):
         hist = CollapsingHistogram(capacity)
         for i, chunk in enumerate(chunks):
             shift = hist.shift
-            keys = encode_numpy(chunk) >> np.uint32(shift)
+            keys = encode_numpy(chunk) >> np.uint64(shift)
             if route == "window" or (route == "mixed" and i % 2):
                 hist.add_normal_keys(keys, shift)
+            elif route == "float32 window":  # slots of one float32 value while the shift is below 29
+                hist.add_normal_keys(keys, shift, zero_bits=FLOAT32_ZERO_BITS)
             else:
                 hist.add(counts_of_keys(keys, shift), None)
         states.append(hist.state_dict())
     for state in states[1:]:
-        for key, value in states[0].items():
-            np.testing.assert_array_equal(value, state[key])
+        assert_same_histogram_state(state, states[0])
