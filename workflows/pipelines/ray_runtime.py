@@ -16,8 +16,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, log_to_driver=True, ignore_reinit_error=True)
     else:
-        # token authentication on, said explicitly (Ray warns on every start when it picks the default)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # address="local": start our own Ray, never silently join whatever `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=True)
