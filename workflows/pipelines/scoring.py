@@ -297,11 +297,14 @@ def run_scoring(
     max_retries: int = 3,
     prepare_fn=None,
     actor_cls=None,
+    prepare_memory: int | None = None,
 ) -> Iterator[dict]:
     """Run the two-stage Ray Data pipeline over `tasks`; yields one small summary per shard.
 
     `prepare_fn` / `actor_cls` (default `prepare_shard` / `ScoringActor`) let `scan` reuse the same
-    pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`."""
+    pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`.
+    `prepare_memory`: bytes of Ray's `memory` resource each prepare (decode) task reserves, so a node
+    runs only as many decodes at once as its memory holds (None: no reservation)."""
     import ray
 
     if not tasks:
@@ -310,6 +313,7 @@ def run_scoring(
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # bounded retries (Ray Data's default is unbounded): a failing task or actor is retried, then fails
     prepared = dataset.map(prepare_fn or prepare_shard, num_cpus=0.5,
+                           **({"memory": int(prepare_memory)} if prepare_memory else {}),
                            ray_remote_args_fn=lambda: {"max_retries": max_retries})
     scored = prepared.map(
         actor_cls or ScoringActor,
