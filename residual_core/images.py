@@ -4,11 +4,17 @@ Decoding is defensive: empty, truncated and non-image input, and decompression b
 the header, before any pixel is decoded) raise ``ImageDecodeError`` with a reason. Every mode
 (grayscale, RGBA, 16-bit, palette, CMYK, ...) is normalised to 8-bit RGB here, on read, so the
 stored bytes stay the originals. Like the authors' loaders, EXIF orientation is not applied.
+
+Decode memory is bounded by ``max_pixels`` (checked on the declared size) times a few bytes per pixel:
+high-bit-depth conversion works in row chunks. JPEGs can be decoded reduced (libjpeg's DCT scaling,
+1/2, 1/4 or 1/8, via ``Image.draft``) by ``decode_image_reduced``: always to a given minimum size, or
+only when the full size is over ``max_pixels``; other images decode exactly as ``decode_image``.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -19,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported lazily: ingest and archive scans decode w
     import torch
 
 DEFAULT_MAX_PIXELS = 64 * 2**20  # 64 Mpx; MVTec/VisA images are at most ~2 Mpx
+JPEG_SCALES = (1, 2, 4, 8)  # the reductions libjpeg decodes directly (output size ceil(size / scale))
+_CHUNK_PIXELS = 1 << 20  # high-bit-depth conversion works on about this many pixels at a time
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -37,8 +45,14 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header only and enforce the pixel limit before any pixel data is decoded."""
+def _open(data: bytes, max_pixels: int, *, draft_size: tuple[int, int] | None = None,
+          reduce_over_limit: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """Parse the header only and enforce the pixel limit before any pixel data is decoded.
+
+    JPEG only: ``draft_size`` set -> decode at the largest DCT reduction that keeps both sides at least
+    ``draft_size``; ``reduce_over_limit`` -> an image over ``max_pixels`` is decoded at the smallest
+    reduction that fits instead of being refused. The limit applies to the size actually decoded.
+    -> (image, original (width, height) from the header)."""
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty input (zero bytes)")
     try:
@@ -57,11 +71,34 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid size {width}x{height}")
-    if width * height > max_pixels:
+    if image.format == "JPEG" and (draft_size is not None or reduce_over_limit):
+        scale = jpeg_scale((width, height), max_pixels, draft_size=draft_size,
+                           reduce_over_limit=reduce_over_limit)
+        if scale > 1:
+            # request exactly `scale` under PIL's rule (largest s with size // request >= s)
+            image.draft(None, (max(1, width // scale), max(1, height // scale)))
+    if image.size[0] * image.size[1] > max_pixels:
+        reduced = "" if image.size == (width, height) else f" (reduced to {image.size[0]}x{image.size[1]})"
         raise ImageDecodeError(
-            f"too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}"
+            f"too large: {width}x{height} = {width * height} pixels{reduced} > max_pixels={max_pixels}"
         )
-    return image
+    return image, (width, height)
+
+
+def jpeg_scale(size: tuple[int, int], max_pixels: int, *, draft_size: tuple[int, int] | None = None,
+               reduce_over_limit: bool = False) -> int:
+    """The DCT reduction (1, 2, 4 or 8) a JPEG of `size` is decoded at (see `_open`); 1 = full size."""
+    width, height = size
+    scale = 1
+    if draft_size is not None:
+        fits = [s for s in JPEG_SCALES if width // s >= draft_size[0] and height // s >= draft_size[1]]
+        scale = max(fits, default=1)
+    if reduce_over_limit:
+        for s in JPEG_SCALES:
+            if s >= scale and math.ceil(width / s) * math.ceil(height / s) <= max_pixels:
+                return s
+        return JPEG_SCALES[-1]  # still over the limit: refused on the reduced size
+    return scale
 
 
 def _load(image: Image.Image) -> Image.Image:
@@ -77,24 +114,37 @@ def _load(image: Image.Image) -> Image.Image:
 def probe_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header, with the same checks as decoding; fully decodes to catch
     truncation so ingest rejects what later decoding would reject."""
-    image = _load(_open(data, max_pixels))
+    image = _load(_open(data, max_pixels)[0])
     return image.size
 
 
 def _high_bit_depth_to_uint8(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer and float grayscale -> 8-bit L (scaled, not clipped)."""
+    """16-bit / 32-bit integer and float grayscale -> 8-bit L (scaled, not clipped).
+
+    Works on row chunks of about `_CHUNK_PIXELS` (the arithmetic is per pixel, so the result is the
+    same as on the whole array): a few bytes per pixel instead of the ~30 of whole-array float64."""
     array = np.asarray(image)
+    out = np.empty(array.shape, np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(1, array.shape[1] if array.ndim > 1 else 1))
+    chunks = [slice(start, start + rows) for start in range(0, array.shape[0], rows)]
     if image.mode == "F":
-        array = array.astype(np.float64)
-        finite = array[np.isfinite(array)]
-        high = float(finite.max()) if finite.size else 1.0
+        highs = []
+        for part in chunks:
+            values = array[part].astype(np.float64)
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                highs.append(float(finite.max()))
+        high = max(highs) if highs else 1.0
         scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1e-12)
-        out = np.clip(np.nan_to_num(array) * scale, 0, 255)
+        for part in chunks:
+            values = np.clip(np.nan_to_num(array[part].astype(np.float64)) * scale, 0, 255)
+            out[part] = np.round(values).astype(np.uint8)
     else:
-        array = array.astype(np.int64)
-        bits = 16 if array.max(initial=0) <= 0xFFFF else 32
-        out = np.clip(array, 0, None) / (2**bits - 1) * 255.0
-    return Image.fromarray(np.round(out).astype(np.uint8), mode="L")
+        bits = 16 if int(array.max(initial=0)) <= 0xFFFF else 32
+        for part in chunks:
+            values = np.clip(array[part].astype(np.int64), 0, None) / (2**bits - 1) * 255.0
+            out[part] = np.round(values).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -110,9 +160,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode encoded image bytes into an RGB PIL image (first frame of multi-frame files)."""
-    image = _load(_open(data, max_pixels))
+    return decode_image_reduced(data, max_pixels=max_pixels)[0]
+
+
+def decode_image_reduced(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                         draft_size: tuple[int, int] | None = None,
+                         reduce_over_limit: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image` with optional reduced JPEG decoding (see `_open`); -> (RGB image, original
+    (width, height) from the header). Without reduction the image is exactly `decode_image`'s."""
+    image, original = _open(data, max_pixels, draft_size=draft_size, reduce_over_limit=reduce_over_limit)
+    image = _load(image)
     try:
-        return to_rgb(image)
+        return to_rgb(image), original
     except Exception as exc:  # noqa: BLE001 - exotic modes PIL cannot convert
         raise ImageDecodeError(f"unsupported image mode {image.mode!r}: {exc}") from None
 
@@ -122,7 +181,7 @@ def decode_mask(data: bytes, size: tuple[int, int] | None = None, *,
     """Decode a mask into a boolean array [H, W]: any nonzero pixel is anomalous (as the authors do).
 
     ``size`` is the (width, height) of the image the mask belongs to; a different size is an error."""
-    image = _load(_open(data, max_pixels))
+    image = _load(_open(data, max_pixels)[0])
     if size is not None and tuple(image.size) != tuple(size):
         raise ImageDecodeError(
             f"mask size {image.size[0]}x{image.size[1]} differs from image size {size[0]}x{size[1]}"

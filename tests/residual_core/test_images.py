@@ -12,6 +12,7 @@ from PIL import Image
 from residual_core.images import (
     ImageDecodeError,
     decode_image,
+    decode_image_reduced,
     decode_image_tensor,
     decode_mask,
     decode_mask_tensor,
@@ -88,6 +89,36 @@ def test_decompression_bomb_is_rejected_from_the_header():
         decode_image(bomb)
     with pytest.raises(ImageDecodeError, match="max_pixels=100"):
         decode_image(encode(Image.fromarray(RGB)), max_pixels=100)
+
+
+def test_high_bit_depth_conversion_in_chunks_equals_the_whole_array(monkeypatch):
+    import residual_core.images as images
+
+    values = RNG.integers(0, 65536, (97, 31), dtype=np.uint16)
+    floats = RNG.normal(0, 300, (97, 31)).astype(np.float32)
+    floats[3, 4], floats[50, 7], floats[90, 30] = np.nan, np.inf, -np.inf
+    wide = values.astype(np.int32) * 40000  # 32-bit, some wrapped negative
+    cases = [Image.fromarray(values), Image.fromarray(wide), Image.fromarray(floats)]
+    whole = [np.asarray(images._high_bit_depth_to_uint8(image)) for image in cases]
+    monkeypatch.setattr(images, "_CHUNK_PIXELS", 100)  # 3 rows per chunk
+    for image, expected in zip(cases, whole, strict=True):
+        assert np.array_equal(np.asarray(images._high_bit_depth_to_uint8(image)), expected), image.mode
+
+
+def test_jpeg_reduced_decoding_only_where_asked_and_same_result_elsewhere():
+    photo = Image.fromarray(RNG.integers(0, 256, (400, 600, 3), dtype=np.uint8))
+    jpeg, png = encode(photo, "JPEG"), encode(photo, "PNG")
+    for data in (jpeg, png):  # under the limit, no draft: exactly decode_image
+        image, original = decode_image_reduced(data, max_pixels=600 * 400, reduce_over_limit=True)
+        assert original == (600, 400) and np.array_equal(np.asarray(image), np.asarray(decode_image(data)))
+    image, original = decode_image_reduced(jpeg, max_pixels=200 * 150, reduce_over_limit=True)
+    assert image.size == (150, 100) and original == (600, 400)  # DCT 1/4: the least reduction that fits
+    image, original = decode_image_reduced(jpeg, draft_size=(128, 128))
+    assert image.size == (300, 200) and original == (600, 400)  # 1/2: the most keeping >= 128 a side
+    with pytest.raises(ImageDecodeError, match=r"too large: 600x400 = 240000 pixels \(reduced to 75x50\)"):
+        decode_image_reduced(jpeg, max_pixels=1000, reduce_over_limit=True)  # even 1/8 is too large
+    with pytest.raises(ImageDecodeError, match="too large"):  # PNG cannot be decoded reduced
+        decode_image_reduced(png, max_pixels=200 * 150, reduce_over_limit=True)
 
 
 def test_probe_size_checks_the_whole_file():

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+
 from workflows.config import add_config_arguments
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """'268435456', '256M', '256MiB', '1.5G' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 268435456, 256M, 256MiB, 1G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +33,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--split", default="unlabeled", help="Parquet input: split to scan")
     parser.add_argument("--shard-size", type=int, default=64, help="images per resumable shard (default 64)")
     parser.add_argument("--k-shot", type=int, help="references per category (default: all given)")
-    parser.add_argument("--max-pixels", type=int, help="images larger than this are skipped (bomb guard)")
+    parser.add_argument("--max-pixels", type=int,
+                        help="images with more pixels are skipped (bomb guard; JPEGs are decoded reduced "
+                             "when that fits; default 16777216 = 4096x4096)")
+    parser.add_argument("--max-bytes", type=byte_size,
+                        help="files larger than this are skipped unread (default 128MiB)")
+    parser.add_argument("--read-timeout", type=float,
+                        help="seconds per file before its read is given up and it is skipped (default 60)")
+    parser.add_argument("--jpeg-draft", action="store_true",
+                        help="decode every JPEG reduced (DCT 1/2..1/8) to >= 2x the model size: less memory "
+                             "and time, slightly different scores for large JPEGs")
+    parser.add_argument("--decode-memory", type=byte_size,
+                        help="Ray memory reserved per decode task (default: estimated from the limits; 0: "
+                             "none)")
     parser.add_argument("--no-maps", action="store_true", help="do not store heat maps of flagged images")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     add_config_arguments(parser)
@@ -28,16 +53,18 @@ def add_parser(subparsers) -> None:
 
 
 def _options(args):
-    from residual_core.images import DEFAULT_MAX_PIXELS
-    from workflows.pipelines.scan import ScanOptions
+    from workflows.pipelines.raw_images import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
+    from workflows.pipelines.scan import SCAN_MAX_PIXELS, ScanOptions
     from workflows.storage import absolute
 
     return ScanOptions(
         input=absolute(args.input), output=absolute(args.output), references=absolute(args.references),
         normals=absolute(args.normals) if args.normals else None,
         target_fpr=args.fpr, threshold=args.threshold, category=args.category, split=args.split,
-        shard_size=args.shard_size, k_shot=args.k_shot, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        save_maps=not args.no_maps,
+        shard_size=args.shard_size, k_shot=args.k_shot, max_pixels=args.max_pixels or SCAN_MAX_PIXELS,
+        save_maps=not args.no_maps, max_bytes=args.max_bytes or DEFAULT_MAX_BYTES,
+        read_timeout_s=args.read_timeout or DEFAULT_READ_TIMEOUT_S, jpeg_draft=args.jpeg_draft,
+        decode_memory=args.decode_memory,
     )
 
 

@@ -17,7 +17,7 @@ from workflows.datasets.schema import check_partition_value, content_id
 from workflows.datasets.writer import WriteReport, load_manifest, write_dataset
 from workflows.ingest.layouts import LayoutScan, SourceItem, pixel_ground_truth_of, scan_source
 from workflows.ingest.quarantine import Problem, QuarantineReport, write_report
-from workflows.ingest.source import SourceEscapeError, SourceTree
+from workflows.ingest.source import NotRegularFileError, SourceEscapeError, SourceTree
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NO_MASK_WARNING = "anomalous image without a mask (kept; excluded from pixel metrics)"
@@ -71,6 +71,8 @@ def _validate(tree: SourceTree, item: SourceItem, dataset: str,
         data = tree.read(item.image)
     except SourceEscapeError as exc:
         return fail(f"symlink or path escapes the source tree: {exc}")
+    except NotRegularFileError as exc:  # a FIFO, device, socket: refused unopened (it could block)
+        return fail(f"not a regular file: {exc}")
     except FileNotFoundError:
         return fail("file not found")
     except (OSError, storage.StorageError) as exc:

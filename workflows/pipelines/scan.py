@@ -18,16 +18,31 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from residual_core.images import DEFAULT_MAX_PIXELS
 from workflows import storage
 from workflows.config import RunConfig, save_config
 from workflows.pipelines.calibration import DEFAULT_TARGET_FPR, Calibration, calibrate, fixed
-from workflows.pipelines.raw_images import ScanShard, iter_archive, plan_archive
+from workflows.pipelines.raw_images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    READ_BUFFER_BYTES,
+    ScanShard,
+    iter_archive_entries,
+    plan_archive,
+)
 from workflows.pipelines.regions import DEFAULT_REGION_LEVEL
 from workflows.pipelines.scan_outputs import ScanStore, summarize
 from workflows.pipelines.scoring import ScoringJob
 
 REFERENCE_DATASET = "references"
+# The scan's pixel limit: 4096 x 4096. MVTec AD / MPDD images are at most 1024 x 1024 (1 Mpx), VisA's
+# at most ~1.6 x 1.2 kpx (~2 Mpx); 16 Mpx is 8x that and holds a 12-Mpx camera frame, while one decode
+# stays under ~0.5 GB (DECODE_BYTES_PER_PIXEL). JPEGs over it are decoded reduced (DCT 1/2..1/8).
+SCAN_MAX_PIXELS = 16 * 2**20
+# Peak bytes per decoded pixel of one decode + preprocess, every mode and preset, with a margin
+# (measured: 8-bit RGB ~4.5 with the PIL presets, palette/RGBA/CMYK ~9, 16-bit ~8, float ~13,
+# `torch-bicubic` ~19-25; tests/workflows/scan/test_scan_hostile.py checks it).
+DECODE_BYTES_PER_PIXEL = 32
+DECODE_TASK_BASE_BYTES = 512 * 2**20  # a decode worker's own footprint (Python, torch, PIL, Ray)
 
 
 @dataclass
@@ -45,9 +60,13 @@ class ScanOptions:
     shard_size: int = 64
     k_shot: int | None = None  # references per category (None: all given)
     seed: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = SCAN_MAX_PIXELS  # larger images are skipped (JPEGs: decoded reduced if that fits)
     region_level: float = DEFAULT_REGION_LEVEL
     save_maps: bool = True  # heat-map PNGs of flagged images
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files are skipped, unread (size from fstat / the listing)
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # per file: no complete answer in time -> skipped
+    jpeg_draft: bool = False  # decode every JPEG at the largest DCT reduction keeping >= 2x the model size
+    decode_memory: int | None = None  # Ray `memory` per decode task: None = estimate, 0 = no reservation
 
     def check(self) -> None:
         if self.threshold is None and not self.normals:
@@ -56,6 +75,38 @@ class ScanOptions:
             raise ValueError(f"scan: target FPR must be in [0, 1), got {self.target_fpr}")
         if self.shard_size < 1:
             raise ValueError(f"scan: shard_size must be >= 1, got {self.shard_size}")
+        for name in ("max_pixels", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"scan: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"scan: read timeout must be > 0 seconds, got {self.read_timeout_s}")
+        if self.decode_memory is not None and self.decode_memory < 0:
+            raise ValueError(f"scan: decode memory must be >= 0 bytes, got {self.decode_memory}")
+
+
+def decode_task_memory(options: ScanOptions) -> int:
+    """Bytes one decode task may use at most: its worker, the read-ahead (`READ_BUFFER_BYTES`, or one
+    file alone while its chunks are joined: 2 x max_bytes), the item being decoded (max_bytes) and its
+    pixels (max_pixels x DECODE_BYTES_PER_PIXEL). Reserved as Ray's `memory` resource per task unless
+    `decode_memory` is given (0: no reservation)."""
+    if options.decode_memory is not None:
+        return int(options.decode_memory)
+    return (DECODE_TASK_BASE_BYTES + max(READ_BUFFER_BYTES, 2 * options.max_bytes) + options.max_bytes
+            + DECODE_BYTES_PER_PIXEL * options.max_pixels)
+
+
+def _fit_to_nodes(memory: int | None) -> int | None:
+    """A reservation no node can hold would leave the decode tasks unscheduled for ever: cap it at the
+    largest node's `memory` resource (that node then decodes one shard at a time)."""
+    if not memory:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on first use
+    largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")),
+                  default=0)
+    return int(min(memory, largest)) if largest else int(memory)
 
 
 def is_parquet_dataset(url: str) -> bool:
@@ -96,19 +147,27 @@ def reference_dataset(options: ScanOptions) -> str:
         return url
     from residual_core.images import ImageDecodeError, probe_size
     from workflows.datasets.writer import write_dataset
+    from workflows.ingest.source import SourceTree
+    from workflows.pipelines.raw_images import display_key, read_item
 
     problems: list[dict] = []
+    tree = SourceTree(options.references)
 
     def rows():
-        for category, key in iter_archive(options.references):
-            data = storage.read_bytes(storage.join(options.references, key))
+        for category, key, size in iter_archive_entries(options.references):
+            data, error = read_item(tree, key, size=size, max_bytes=options.max_bytes,
+                                    timeout_s=options.read_timeout_s)
+            if error is not None:
+                problems.append({"source": display_key(key), "reason": error})
+                continue
             try:
                 width, height = probe_size(data, max_pixels=options.max_pixels)
             except ImageDecodeError as exc:
-                problems.append({"source": key, "reason": exc.reason})
+                problems.append({"source": display_key(key), "reason": exc.reason})
                 continue
             yield {"dataset": REFERENCE_DATASET, "category": category, "split": "train", "label": 0,
-                   "defect_type": "good", "image": data, "width": width, "height": height, "source": key}
+                   "defect_type": "good", "image": data, "width": width, "height": height,
+                   "source": display_key(key)}
 
     write_dataset(rows(), url, extra_metadata=lambda: {"scan_reference_problems": problems})
     return url
@@ -161,7 +220,8 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
     actor_cpus = 1.0 if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
     rows = run_scoring([(job, s) for s in todo], batch_size=ev.batch_size, num_actors=ev.num_actors,
                        num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus,
-                       max_retries=ev.max_retries, prepare_fn=prepare_scan_shard, actor_cls=ScanActor)
+                       max_retries=ev.max_retries, prepare_fn=prepare_scan_shard, actor_cls=ScanActor,
+                       prepare_memory=_fit_to_nodes(job.extra.get("decode_memory")))
     with tqdm(total=sum(s.size for s in todo), unit="img", desc=desc, disable=not progress,
               mininterval=1.0) as bar:
         for row in rows:
@@ -182,7 +242,9 @@ def make_job(config: RunConfig, job_url: str, banks: dict[str, str], thresholds:
         method=asdict(config.method), banks=banks, preprocess=method_preprocess(config.method),
         device=config.device, image_size=info.image_size, mean=info.mean, std=info.std,
         extra={"thresholds": thresholds, "max_pixels": options.max_pixels, "save_maps": save_maps,
-               "region_level": options.region_level, "run_id": run_id},
+               "region_level": options.region_level, "run_id": run_id, "max_bytes": options.max_bytes,
+               "read_timeout_s": options.read_timeout_s, "jpeg_draft": options.jpeg_draft,
+               "decode_memory": decode_task_memory(options)},
     )
 
 

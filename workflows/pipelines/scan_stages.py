@@ -1,9 +1,11 @@
 """The two Ray Data stages of `scan`, plugged into `scoring.run_scoring` (the pipeline `evaluate` uses).
 
-1. `prepare_scan_shard` (CPU task): read a shard's images (raw objects, read concurrently, or a
-   Parquet row range), decode them with the size limit, preprocess (the job's preset, which also says
+1. `prepare_scan_shard` (CPU task): read a shard's images (raw objects through
+   `raw_images.read_items`: regular files inside the archive only, bounded in bytes and time, read
+   ahead within a byte budget; or a Parquet row range), decode them with the pixel limit (JPEGs over it
+   decoded reduced; optionally every JPEG, `jpeg_draft`), preprocess (the job's preset, which also says
    which part of the original each map covers); anything unusable becomes a skipped row with its
-   reason (never an exception).
+   reason (never an exception). Its memory is bounded per task (see `scan.decode_task_memory`).
 2. `ScanActor` (the `ScoringActor` pool, same model and bank caches): scores in batches, flags against
    the category's threshold, finds the top region, renders heat maps of flagged images and commits
    the shard's tables and marker. Only a small summary goes back to the driver.
@@ -13,73 +15,88 @@ from __future__ import annotations
 
 import json
 import pickle
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 
 import numpy as np
 
-from workflows.pipelines.raw_images import ScanShard, shard_keys
+from workflows.pipelines.raw_images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    ScanShard,
+    display_key,
+    one_line,
+    read_items,
+    shard_entries,
+    shard_keys,
+)
 from workflows.pipelines.scoring import ScoringActor, ScoringJob
 
-READ_THREADS = 8
+JPEG_DRAFT_FACTOR = 2  # `jpeg_draft`: JPEGs are decoded at the largest DCT reduction keeping >= 2 S a side
 
 
-def _read(url: str) -> tuple[bytes | None, str | None]:
-    from workflows import storage
-
-    try:
-        return storage.read_bytes(url), None
-    except Exception as exc:  # noqa: BLE001 - an unreadable object is recorded, the scan goes on
-        return None, storage.redact(f"unreadable: {type(exc).__name__}: {exc}")[:500]
-
-
-def _source_items(shard: ScanShard) -> list[tuple[str, bytes | None, str | None, str | None]]:
+def _source_items(shard: ScanShard, max_bytes: int,
+                  timeout_s: float) -> Iterator[tuple[str, bytes | None, str | None, str | None]]:
     """(source key, bytes or None, error or None, stored image_id or None) for every image of the shard."""
     if shard.parquet is not None:
         from workflows.pipelines.shards import Shard, read_shard
 
         table = read_shard(Shard.from_dict(shard.parquet), columns=("image_id", "image", "source"))
-        return [(r["source"], r["image"], None, r["image_id"]) for r in table.to_pylist()]
-    from workflows import storage
-
-    keys = shard_keys(shard)
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        blobs = list(pool.map(_read, [storage.join(shard.root_url, k) for k in keys]))
-    return [(key, data, error, None) for key, (data, error) in zip(keys, blobs, strict=True)]
+        for r in table.to_pylist():
+            data = r["image"]
+            if data is not None and len(data) > max_bytes:
+                error = f"file too large: {len(data)} bytes > max_bytes={max_bytes}"
+                yield r["source"], None, error, r["image_id"]
+            else:
+                yield r["source"], data, None, r["image_id"]
+        return
+    keys, sizes = shard_entries(shard)
+    for key, data, error in read_items(shard.root_url, zip(keys, sizes, strict=True), max_bytes=max_bytes,
+                                       timeout_s=timeout_s):
+        yield key, data, error, None
 
 
 def prepare_scan_shard(task: dict) -> dict:
     """Stage 1: decode and preprocess one shard; unusable images become skipped rows."""
-    from residual_core.images import ImageDecodeError, decode_image
-    from residual_core.preprocess import get_preprocess
+    from residual_core.images import ImageDecodeError, decode_image_reduced
+    from residual_core.preprocess import View, get_preprocess
     from workflows.datasets.schema import content_id
 
     job = ScoringJob.from_json(task["job"])
     preset = get_preprocess(job.preprocess)
     shard = ScanShard.from_dict(json.loads(task["shard"]))
     size, max_pixels = job.image_size, int(job.extra["max_pixels"])
+    max_bytes = int(job.extra.get("max_bytes") or DEFAULT_MAX_BYTES)
+    timeout_s = float(job.extra.get("read_timeout_s") or DEFAULT_READ_TIMEOUT_S)
+    draft = (JPEG_DRAFT_FACTOR * size,) * 2 if job.extra.get("jpeg_draft") else None
     has_bank = f"{shard.dataset}/{shard.category}" in job.banks
     images, kept, skipped = [], [], []
     if not has_bank:  # nothing to compare with: skip without reading the images
         reason = f"no references for category {shard.category}"
-        items = [(key, None, reason, None) for key in _keys_only(shard)]
+        items = iter([(key, None, reason, None) for key in _keys_only(shard)])
     else:
-        items = _source_items(shard)
+        items = _source_items(shard, max_bytes, timeout_s)
     for source, data, error, image_id in items:
-        row = {"image_id": image_id or (content_id(data) if data is not None else None), "source": source}
+        row = {"image_id": image_id or (content_id(data) if data is not None else None),
+               "source": display_key(source)}
         if error is not None:
-            skipped.append({**row, "reason": error})
+            skipped.append({**row, "reason": one_line(error)})
             continue
         try:
-            image = decode_image(data, max_pixels=max_pixels)
+            image, original = decode_image_reduced(data, max_pixels=max_pixels, draft_size=draft,
+                                                   reduce_over_limit=True)
             images.append(preset.image(image, size, tuple(job.mean), tuple(job.std)).numpy())
         except ImageDecodeError as exc:
-            skipped.append({**row, "reason": exc.reason})
+            skipped.append({**row, "reason": one_line(exc.reason)})
             continue
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image, not a failed job
-            skipped.append({**row, "reason": f"undecodable: {type(exc).__name__}: {exc}"[:500]})
+            skipped.append({**row, "reason": one_line(f"undecodable: {type(exc).__name__}: {exc}")})
             continue
-        kept.append({**row, "width": image.size[0], "height": image.size[1],
-                     "view": preset.view(image.size, size).as_tuple()})
+        view = preset.view(image.size, size)
+        if image.size != original:  # decoded reduced: the view in the original's pixels
+            sx, sy = original[0] / image.size[0], original[1] / image.size[1]
+            view = View(view.left * sx, view.top * sy, view.width * sx, view.height * sy)
+        kept.append({**row, "width": original[0], "height": original[1], "view": view.as_tuple()})
+        del image  # one decoded image at a time
     payload = {"images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
                "kept": kept, "skipped": skipped}
     return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}

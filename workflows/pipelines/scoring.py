@@ -309,11 +309,14 @@ def run_scoring(
     max_retries: int = 3,
     prepare_fn=None,
     actor_cls=None,
+    prepare_memory: int | None = None,
 ) -> Iterator[dict]:
     """Run the two-stage Ray Data pipeline over `tasks`; yields one small summary per shard.
 
     `prepare_fn` / `actor_cls` (default `prepare_shard` / `ScoringActor`) let `scan` reuse the same
-    pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`."""
+    pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`.
+    `prepare_memory`: bytes of Ray's `memory` resource each prepare (decode) task reserves, so a node
+    runs only as many decodes at once as its memory holds (None: no reservation)."""
     import ray
 
     if not tasks:
@@ -325,7 +328,8 @@ def run_scoring(
     # (removed in 2.64, above the version range pyproject allows); that one warning is silenced here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=REMOTE_ARGS_DEPRECATION)
-        prepared = dataset.map(prepare_fn or prepare_shard, num_cpus=0.5, max_retries=max_retries)
+        prepared = dataset.map(prepare_fn or prepare_shard, num_cpus=0.5, memory=prepare_memory or None,
+                               max_retries=max_retries)
         scored = prepared.map(
             actor_cls or ScoringActor,
             fn_constructor_kwargs={"batch_size": batch_size},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -36,6 +37,7 @@ def _bad_mvtec_tree(root, outside):
     put(good_test / "copy.png", (good_test / "000.png").read_bytes())
     put(outside / "secret.png", image_bytes(904))
     (good_test / "escape.png").symlink_to(outside / "secret.png")
+    os.mkfifo(good_test / "pipe.png")  # reading it would block for ever
     (root / "empty_cat" / "train" / "good").mkdir(parents=True)
     put(bottle / "ground_truth" / "crack" / "orphan_mask.png", mask_bytes(905))
 
@@ -48,6 +50,7 @@ EXPECTED_REASONS = {
     "bottle/test/good/zero.png": "empty file",
     "bottle/test/good/copy.png": "duplicate image",
     "bottle/test/good/escape.png": "escapes the source tree",
+    "bottle/test/good/pipe.png": "not a regular file: a FIFO",
 }
 
 
@@ -107,7 +110,7 @@ def test_cli_ingest_and_summary(tmp_path, capsys):
     _bad_mvtec_tree(src, tmp_path / "outside")
     assert main(["ingest", "--format", "mvtec", "--no-progress", str(src), str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "seen 17 images = written 10 + quarantined 7" in printed
+    assert "seen 18 images = written 10 + quarantined 8" in printed
     assert "quarantine report:" in printed
     assert main(["summary", str(out)]) == 0
     summary = capsys.readouterr().out

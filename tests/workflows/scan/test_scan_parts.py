@@ -104,3 +104,26 @@ def test_plan_cuts_per_category_shards_with_stable_ids(tmp_path):
     assert [s.shard_id for s in again] == [s.shard_id for s in shards]
     with pytest.raises(ValueError, match="shard_size"):
         list(plan_archive(str(tmp_path / "arc"), str(tmp_path / "plan3"), shard_size=0))
+
+
+def test_scan_cli_reads_the_limits_with_size_units():
+    import argparse
+
+    from workflows.commands.scan import _options, add_parser, byte_size
+    from workflows.pipelines.scan import SCAN_MAX_PIXELS
+
+    assert [byte_size(t) for t in ("1024", "64M", "256MiB", "1.5G", "2kb")] == [
+        1024, 64 * 2**20, 256 * 2**20, 3 * 2**29, 2048]
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        byte_size("lots")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    base = ["scan", "in", "--references", "refs", "-o", "out", "--threshold", "1"]
+    defaults = _options(parser.parse_args(base))
+    assert defaults.max_pixels == SCAN_MAX_PIXELS and defaults.max_bytes == 128 * 2**20
+    assert defaults.read_timeout_s == 60
+    assert not defaults.jpeg_draft and defaults.decode_memory is None
+    given = _options(parser.parse_args([*base, "--max-bytes", "8M", "--read-timeout", "5", "--jpeg-draft",
+                                        "--decode-memory", "0", "--max-pixels", "1000"]))
+    assert (given.max_bytes, given.read_timeout_s, given.jpeg_draft) == (8 * 2**20, 5.0, True)
+    assert (given.decode_memory, given.max_pixels) == (0, 1000)
