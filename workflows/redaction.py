@@ -66,6 +66,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 _registry: set[str] = set()
 _lock = threading.Lock()
+_version = [0]  # bumped on every change of the registry (the literal list is cached per version)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -108,8 +109,7 @@ def register_secret(value: Any) -> None:
         return
     forms = _forms(str(value))
     if forms - _registry:
-        with _lock:
-            _registry.update(forms)
+        _add(forms)
 
 
 def register_urls_in(*texts: Any) -> None:
@@ -117,8 +117,13 @@ def register_urls_in(*texts: Any) -> None:
     for text in _strings(texts):
         found = url_secrets(text)
         if found - _registry:
-            with _lock:
-                _registry.update(found)
+            _add(found)
+
+
+def _add(values: Iterable[str]) -> None:
+    with _lock:
+        _registry.update(values)
+        _version[0] += 1
 
 
 def _strings(value: Any) -> Iterable[str]:
@@ -153,7 +158,7 @@ _cache: tuple[Any, list[str]] = (None, [])
 def secrets() -> list[str]:
     """Every literal `redact` replaces, longest first (so a secret containing another goes whole)."""
     global _cache
-    key = (len(_registry), *(os.environ.get(n) for n in (*SECRET_ENV_VARS, *URL_ENV_VARS)))
+    key = (_version[0], *(os.environ.get(n) for n in (*SECRET_ENV_VARS, *URL_ENV_VARS)))
     cached_key, value = _cache
     if cached_key != key:
         value = sorted(_registry | _env_secrets(), key=len, reverse=True)
@@ -188,8 +193,7 @@ def load_transported(value: str | None = None) -> None:
         loaded = json.loads(base64.b64decode(value.encode()).decode())
     except (binascii.Error, ValueError):
         return
-    with _lock:
-        _registry.update(str(v) for v in loaded if len(str(v)) >= MIN_SECRET_CHARS)
+    _add(str(v) for v in loaded if len(str(v)) >= MIN_SECRET_CHARS)
 
 
 def export_to_environ() -> None:

@@ -64,6 +64,12 @@ def bound_requests() -> None:
         os.environ.setdefault(name, value)
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """One line of at most `limit` characters: its start and its end (where the cause usually is)."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else f"{line[:limit - 100]} ... {line[-95:]}"
+
+
 class TrackingError(RuntimeError):
     """MLflow failed where logging is the job (`log-results`); the message is redacted."""
 
@@ -97,8 +103,7 @@ class Tracker:
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - any MLflow failure: the results are on storage
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = redact(f"{type(exc).__name__}: {lines[0][:300] if lines else ''}")
+            reason = redact(f"{type(exc).__name__}: {_short(str(exc))}")
             if self.required:
                 raise TrackingError(f"MLflow at {redact(tracking_uri())}: {reason}") from None
             self._degrade(reason)
