@@ -140,7 +140,8 @@ class Tracker:
 
     @contextmanager
     def run(self, name: str, *, nested: bool = False, tags: dict | None = None):
-        active = self._guard(lambda: self.mlflow.start_run(run_name=name, nested=nested, tags=tags or {}))
+        clean = {key: redact(value) for key, value in (tags or {}).items()}
+        active = self._guard(lambda: self.mlflow.start_run(run_name=redact(name), nested=nested, tags=clean))
         if active is None:
             yield None
             return
