@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,14 +19,17 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+from workflows import redaction
 
 T = TypeVar("T")
 
 SUCCESS_MARKER = "_SUCCESS"
-_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _TRANSIENT_MARKERS = (
     "SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError",
-    "503", "500 Internal", "Connection reset", "Connection aborted", "timed out",
+    "503", "500 Internal", "Connection reset", "Connection aborted", "timed out", "Connection refused",
+    "Could not connect", "NETWORK_CONNECTION", "Timeout",
 )
 
 
@@ -35,27 +38,32 @@ class StorageError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- redaction
-_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]*@"), r"\1***@"),  # scheme://user:pass@
-    (re.compile(r"(?i)(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s'\"]+"), r"\1***"),
-    (re.compile(r"(?i)((?:aws_)?(?:secret_access_key|secret_key|session_token|access_key_id|access_key"
-                r"|password|secret|token)['\"]?\s*[:=]\s*['\"]?)[^'\"\s,&}]+"), r"\1***"),
-    (re.compile(r"(?i)(Signature=)[^&\s'\"]+"), r"\1***"),
-    (re.compile(r"(?i)(Credential=)[^,&\s'\"]+"), r"\1***"),
-)
+# `redact` lives in workflows.redaction (patterns + a registry of secret literals); re-exported here
+redact = redaction.redact
 
 
-def redact(text: Any) -> str:
-    """Return ``str(text)`` with credentials removed: URL userinfo, signed-URL parameters,
-    ``key=value`` secrets, and the literal values of AWS secret environment variables."""
-    out = str(text)
-    for name in _SECRET_ENV_VARS:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            out = out.replace(value, "***")
-    for pattern, replacement in _REDACTIONS:
-        out = pattern.sub(replacement, out)
-    return out
+# ----------------------------------------------------------------------------- bounds
+DEADLINE_ENV = "RESIDUAL_AD_S3_DEADLINE_S"
+DEFAULT_DEADLINE_S = 60.0
+
+
+def storage_deadline_s() -> float:
+    """How long one storage operation may keep trying (all its retries together) before it fails with
+    `StorageError`: `RESIDUAL_AD_S3_DEADLINE_S`, default 60 s. Each request inside it is bounded too
+    (`request_timeouts`), so an unreachable or unresponsive S3 fails a run within about twice this."""
+    raw = os.environ.get(DEADLINE_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_DEADLINE_S
+    except ValueError:
+        raise ValueError(f"{DEADLINE_ENV}={raw!r}: expected a number of seconds") from None
+    return max(1.0, value)
+
+
+def request_timeouts() -> tuple[float, float]:
+    """(connect, read) socket timeouts of one S3 request, derived from the deadline: at most 5 s to
+    connect and 15 s without a byte received (s3fs's defaults), less when the deadline is shorter."""
+    deadline = storage_deadline_s()
+    return min(5.0, max(1.0, deadline / 12)), min(15.0, max(2.0, deadline / 4))
 
 
 # ----------------------------------------------------------------------------- retries
@@ -66,29 +74,71 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     name = type(exc).__name__
-    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError",
                 "ConnectionClosedError", "ServerDisconnectedError", "ClientOSError"}:
         return True
     message = str(exc)
     return any(marker in message for marker in _TRANSIENT_MARKERS)
 
 
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_delay_s: float = 0.25) -> T:
-    """Call ``fn`` and retry transient errors with exponential backoff; bounded by ``attempts``.
+_local = threading.local()
 
-    Non-transient errors and the last transient one are raised as ``StorageError`` with a redacted
-    message naming ``what`` (``FileNotFoundError`` passes through unchanged but redacted)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(redact(f"{what}: not found ({exc})")) from None
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt < attempts and is_transient(exc):
-                time.sleep(base_delay_s * 2 ** (attempt - 1))
-                continue
-            raise StorageError(redact(f"{what}: {type(exc).__name__}: {exc}")) from None
-    raise AssertionError("unreachable")
+
+def _remaining_s() -> float | None:
+    """Seconds left of the innermost running `with_retries` deadline (None outside one)."""
+    deadline = getattr(_local, "deadline", None)
+    return None if deadline is None else max(0.5, deadline - time.monotonic())
+
+
+def _bounded(fs: fsspec.AbstractFileSystem, method: str, *args, **kwargs):
+    """Call `fs.method(*args, **kwargs)`; on an async filesystem (s3fs) with a hard timeout of what is
+    left of the current deadline, so no single call can outlive it."""
+    remaining = _remaining_s()
+    if remaining is not None and isinstance(fs, AsyncFileSystem) and not fs.asynchronous:
+        kwargs["timeout"] = remaining
+    return getattr(fs, method)(*args, **kwargs)
+
+
+MAX_BACKOFF_S = 4.0
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay_s: float = 0.25,
+                 deadline_s: float | None = None) -> T:
+    """Call `fn` and retry transient errors with exponential backoff (capped at `MAX_BACKOFF_S`) until
+    the deadline (`deadline_s`, default `RESIDUAL_AD_S3_DEADLINE_S`) or `attempts` (default: no count
+    limit) run out: an outage shorter than the deadline is carried through, a longer one fails. No retry
+    starts after the deadline, and s3fs calls made through `_bounded` inside `fn` are cut at it.
+
+    Non-transient errors and the last transient one are raised as `StorageError` with a redacted
+    message naming `what` (`FileNotFoundError` passes through unchanged but redacted)."""
+    budget = storage_deadline_s() if deadline_s is None else deadline_s
+    started = time.monotonic()
+    deadline = started + budget
+    outer = getattr(_local, "deadline", None)
+    _local.deadline = deadline if outer is None else min(outer, deadline)
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(redact(f"{what}: not found ({exc})")) from None
+            except Exception as exc:  # noqa: BLE001 - classified below
+                delay = min(MAX_BACKOFF_S, base_delay_s * 2 ** (attempt - 1))
+                transient = is_transient(exc)
+                more = attempts is None or attempt < attempts
+                if transient and more and time.monotonic() + delay < _local.deadline:
+                    time.sleep(delay)
+                    continue
+                detail = f"{type(exc).__name__}: {str(exc).strip() or 'no answer in time'}"
+                if transient:
+                    elapsed = time.monotonic() - started
+                    detail += (f" (gave up after {attempt} attempt(s) in {elapsed:.0f}s; "
+                               f"bound {DEADLINE_ENV}={budget:g})")
+                raise StorageError(redact(f"{what}: {detail}")) from None
+    finally:
+        _local.deadline = outer
 
 
 # ----------------------------------------------------------------------------- URL resolution
@@ -123,7 +173,7 @@ def is_s3(url: str) -> bool:
     return str(url).startswith(("s3://", "s3a://"))
 
 
-_S3FS_CACHE: dict[tuple[int, S3Settings], fsspec.AbstractFileSystem] = {}
+_S3FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
 def clear_cache() -> None:
@@ -135,7 +185,7 @@ def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
     """One s3fs client per process and settings (client creation is slow); keyed by the full settings
     so a changed environment gets a new client, and by pid so a forked child never reuses its parent's
     event loop. Listings are never cached."""
-    key = (os.getpid(), settings)
+    key = (os.getpid(), settings, request_timeouts())
     if key not in _S3FS_CACHE:
         _S3FS_CACHE[key] = _new_s3fs(settings)
     return _S3FS_CACHE[key]
@@ -147,19 +197,36 @@ def _new_s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
     client_kwargs: dict[str, Any] = {}
     if settings.region:
         client_kwargs["region_name"] = settings.region
+    connect_s, read_s = request_timeouts()
     kwargs: dict[str, Any] = {
         "endpoint_url": settings.endpoint_url,
         "client_kwargs": client_kwargs,
         # listings are not cached: pyarrow and other processes write the same prefixes
         "use_listings_cache": False,
         "skip_instance_cache": True,
-        "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}},
+        # every request bounded: botocore's socket timeouts and 2 attempts; `with_retries` (deadline)
+        # does the retrying across an outage
+        "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
+                          "connect_timeout": connect_s, "read_timeout": read_s},
     }
     if settings.key and settings.secret:
         kwargs.update(key=settings.key, secret=settings.secret, token=settings.token)
     elif settings.profile:
         kwargs["profile"] = settings.profile
-    return s3fs.S3FileSystem(**kwargs)
+    fs = s3fs.S3FileSystem(**kwargs)
+    fs.retries = 2  # s3fs's own retry loop (default 5) multiplies botocore's; keep it short
+    return fs
+
+
+def _reject_userinfo(url: str) -> None:
+    """Credentials in an S3 URL are not supported (and would reach botocore's messages as part of the
+    bucket name): fail before any client sees the URL, with the credentials redacted."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
+    if "@" in netloc or ":" in netloc:  # bucket names hold neither; `user:pass/word@b` cuts at '/'
+        redaction.register_urls_in(url)
+        raise ValueError(f"{redact(url)}: credentials in S3 URLs are not supported; give them through the "
+                         "AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an "
+                         "instance or pod identity)")
 
 
 def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -168,6 +235,7 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if not url:
         raise ValueError("empty storage URL")
     if is_s3(url):
+        _reject_userinfo(url)
         path = url.split("://", 1)[1].rstrip("/")
         if not path or path.startswith("/"):
             raise ValueError(f"bad S3 URL {redact(url)!r}: expected s3://bucket/prefix")
@@ -203,8 +271,10 @@ def arrow_filesystem(url: str):
     if not is_s3(url):
         _, path = resolve(url)
         return pafs.LocalFileSystem(), path
+    _reject_userinfo(url)
     settings = S3Settings.from_env()
-    kwargs: dict[str, Any] = {}
+    connect_s, read_s = request_timeouts()
+    kwargs: dict[str, Any] = {"connect_timeout": connect_s, "request_timeout": read_s}
     if settings.endpoint_url:
         kwargs["endpoint_override"] = settings.endpoint_url
         if settings.endpoint_url.startswith("http://"):
@@ -219,7 +289,7 @@ def arrow_filesystem(url: str):
             pass
     if settings.key and settings.secret:
         kwargs.update(access_key=settings.key, secret_key=settings.secret, session_token=settings.token)
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=4)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=2)  # `with_retries` retries
     return pafs.S3FileSystem(**kwargs), path
 
 
@@ -232,12 +302,12 @@ def open_url(url: str, mode: str = "rb") -> IO[bytes]:
 
 def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
-    return with_retries(lambda: fs.cat_file(path), what=f"read {url}")
+    return with_retries(lambda: _bounded(fs, "cat_file", path), what=f"read {url}")
 
 
 def exists(url: str) -> bool:
     fs, path = resolve(url)
-    return bool(with_retries(lambda: fs.exists(path), what=f"exists {url}"))
+    return bool(with_retries(lambda: _bounded(fs, "exists", path), what=f"exists {url}"))
 
 
 def list_urls(url: str, *, recursive: bool = False) -> list[str]:
@@ -245,9 +315,9 @@ def list_urls(url: str, *, recursive: bool = False) -> list[str]:
     fs, path = resolve(url)
 
     def _list() -> list[str]:
-        if not fs.exists(path):
+        if not _bounded(fs, "exists", path):
             return []
-        return sorted(fs.find(path) if recursive else fs.ls(path, detail=False))
+        return sorted(_bounded(fs, "find", path) if recursive else _bounded(fs, "ls", path, detail=False))
 
     found = with_retries(_list, what=f"list {url}")
     return [_to_url(url, path, p) for p in found]
@@ -262,9 +332,9 @@ def remove(url: str, *, recursive: bool = False, missing_ok: bool = True) -> Non
     fs, path = resolve(url)
 
     def _rm() -> None:
-        if missing_ok and not fs.exists(path):
+        if missing_ok and not _bounded(fs, "exists", path):
             return
-        fs.rm(path, recursive=recursive)
+        _bounded(fs, "rm", path, recursive=recursive)
 
     with_retries(_rm, what=f"remove {url}")
 
@@ -290,7 +360,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
     atomically (a failed upload leaves nothing visible)."""
     fs, path = resolve(url)
     if is_s3(url):
-        with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
+        with_retries(lambda: _bounded(fs, "pipe_file", path, data), what=f"write {url}")
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = temp_sibling(path)

@@ -138,3 +138,34 @@ def test_errors_never_show_credentials_from_urls_or_env(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError) as missing:
         storage.read_bytes(str(tmp_path / "envsecret-98765.bin"))
     assert "envsecret-98765" not in str(missing.value)
+
+
+def test_retries_stop_at_the_deadline_which_the_environment_sets(monkeypatch):
+    import time
+
+    monkeypatch.setenv(storage.DEADLINE_ENV, "1.5")
+    assert storage.storage_deadline_s() == 1.5
+    calls = []
+
+    def unreachable():
+        calls.append(time.monotonic())
+        raise ConnectionError("Connection refused")
+
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError) as info:
+        storage.with_retries(unreachable, what="read s3://bucket/key", base_delay_s=0.05)
+    assert time.monotonic() - started < 30  # 1.5 s here; generous for a loaded machine
+    assert len(calls) >= 2  # retried within the deadline, then gave up
+    assert "read s3://bucket/key: ConnectionError" in str(info.value)
+    assert f"{storage.DEADLINE_ENV}=1.5" in str(info.value)
+    monkeypatch.setenv(storage.DEADLINE_ENV, "soon")
+    with pytest.raises(ValueError, match=storage.DEADLINE_ENV):
+        storage.storage_deadline_s()
+
+
+def test_request_timeouts_follow_the_deadline(monkeypatch):
+    monkeypatch.setenv(storage.DEADLINE_ENV, "600")
+    assert storage.request_timeouts() == (5.0, 15.0)  # s3fs's own defaults, never longer
+    monkeypatch.setenv(storage.DEADLINE_ENV, "8")
+    connect, read = storage.request_timeouts()
+    assert connect <= 2 and read <= 2

@@ -28,7 +28,9 @@ def run(args) -> int:
     if any(not r.completed for r in results):
         print("stopped early (evaluate.stop_after_shards); rerun to resume")
         return 0
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled)
+    # MLflow failing from here on: one warning naming the log-results command, the command still succeeds
+    stored = results[0].job_url if len(results) == 1 else config.output
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=stored)
     info = probe_backbone(asdict(config.backbone))
     for result in results:
         spec = result.spec

@@ -15,6 +15,7 @@ def run(args) -> int:
     from workflows.config import config_from_args
     from workflows.pipelines.lodo import run_lodo
     from workflows.pipelines.ray_runtime import init_ray
+    from workflows.storage import redact
     from workflows.tracking import tracking_uri
 
     config = config_from_args(args)
@@ -24,6 +25,6 @@ def run(args) -> int:
         train_on = ", ".join(fold.train_datasets) or "-"
         print(f"fold: hold out {fold.holdout} (group {fold.group}); train on {train_on}")
     print(outcome.markdown)
-    if config.tracking.enabled:
-        print(f"MLflow run {outcome.run_id} in {tracking_uri()}")
+    if config.tracking.enabled and outcome.run_id:
+        print(f"MLflow run {outcome.run_id} in {redact(tracking_uri())}")
     return 0

@@ -5,8 +5,13 @@ this command logs them once it is back, from the stored files only (nothing is r
 - an evaluation job (`metrics.json` + `_SUCCESS`): one run with params, metrics, per-image results;
 - a scan output (`summary.json` + `_SUCCESS`): the scan run;
 - a lodo run folder (`summary.csv`): a parent run with the config and the summary table;
-- an output root: every committed evaluation job under `evaluate/` and every lodo folder under `lodo/`.
-A run logged this way is tagged `logged_from=<url>`; logging the same URL again is skipped.
+- a training checkpoint (`train_log.json` + `_SUCCESS`): the training run (losses, contributions);
+- an output root: every committed evaluation job under `evaluate/`, every lodo folder under `lodo/` and
+  every checkpoint under `checkpoints/<method>/`.
+A run logged this way is tagged `logged_from=<url>`; a URL is skipped when a run with that tag exists, or
+a FINISHED run that the original command logged with it (`results_url` / `checkpoint` / `scan.output`
+param), so logging an output root after a partly tracked run adds only what is missing. An MLflow error
+is this command's error (one line, exit code 1).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def _kind(url: str) -> str | None:
         return "scan"
     if storage.exists(storage.join(url, "summary.csv")):
         return "lodo"
+    if storage.is_committed(url) and storage.exists(storage.join(url, "train_log.json")):
+        return "train"
     return None
 
 
@@ -41,12 +48,34 @@ def _config(url: str):
     return load_config(path) if storage.exists(path) else RunConfig()
 
 
-def _already_logged(tracker, url: str) -> bool:
+# the param under which the original command logged a result's URL, by kind
+_URL_PARAMS = {"evaluate": "results_url", "train": "checkpoint", "scan": "`scan.output`"}
+
+
+def _already_logged(tracker, kind: str, url: str) -> bool:
     from workflows.storage import redact
 
-    found = tracker.mlflow.search_runs(filter_string=f"tags.logged_from = '{redact(url)}'", max_results=1,
-                                       output_format="list")
-    return bool(found)
+    quoted = redact(url).replace("'", "\\'")
+    if tracker.search_runs(f"tags.logged_from = '{quoted}'"):
+        return True
+    param = _URL_PARAMS.get(kind)
+    finished = f"params.{param} = '{quoted}' and attributes.status = 'FINISHED'"
+    return bool(param and tracker.search_runs(finished))
+
+
+def log_train(tracker, url: str) -> None:
+    """A committed checkpoint's training run, from its stored log (losses, contributions, references)."""
+    from workflows import storage
+    from workflows.pipelines.train import LOG_NAME
+
+    log = storage.read_json(storage.join(url, LOG_NAME))
+    marker = storage.read_json(storage.join(url, storage.SUCCESS_MARKER))
+    with tracker.run(f"train {marker.get('method', '?')} seed={marker.get('seed')}",
+                     tags={"kind": "train", "logged_from": storage.redact(url)}):
+        tracker.params({"checkpoint": url, **marker})
+        tracker.loss_history([(int(step), values) for step, values in log.get("losses", [])])
+        tracker.json(log.get("contributions", {}), "contributions.json")
+        tracker.json(log.get("reference_ids", {}), "reference_ids.json")
 
 
 def log_evaluation(tracker, url: str) -> None:
@@ -97,8 +126,11 @@ def targets(url: str) -> list[tuple[str, str]]:
     if kind:
         return [(kind, url)]
     found = []
-    for sub in ("evaluate", "lodo"):
-        base = storage.join(url, sub)
+    bases = [storage.join(url, "evaluate"), storage.join(url, "lodo")]
+    checkpoints = storage.join(url, "checkpoints")
+    if storage.exists(checkpoints):
+        bases += storage.list_urls(checkpoints)  # checkpoints/<method>/<key>
+    for base in bases:
         if not storage.exists(base):
             continue
         for child in sorted(storage.list_urls(base)):
@@ -119,14 +151,16 @@ def run(args) -> int:
     logged = 0
     for kind, url in found:
         config = _config(url)
-        tracker = Tracker(args.experiment or config.tracking.experiment, True)
-        if not args.force and _already_logged(tracker, url):
+        tracker = Tracker(args.experiment or config.tracking.experiment, True, required=True)
+        if not args.force and _already_logged(tracker, kind, url):
             print(f"already logged: {storage.redact(url)}")
             continue
         if kind == "evaluate":
             log_evaluation(tracker, url)
         elif kind == "lodo":
             log_lodo(tracker, url)
+        elif kind == "train":
+            log_train(tracker, url)
         else:
             log_scan(tracker, url, config)
         logged += 1

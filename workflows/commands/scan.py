@@ -98,7 +98,8 @@ def run(args) -> int:
     summary = run_scan(config, options, progress=not args.quiet)
     from workflows.tracking import Tracker
 
-    log_summary(Tracker(config.tracking.experiment, config.tracking.enabled), config, summary)
+    log_summary(Tracker(config.tracking.experiment, config.tracking.enabled, results_url=options.output),
+                config, summary)
     rate = summary["throughput_images_per_s"]
     print(f"scanned {summary['seen']} images: {summary['scored']} scored, {summary['skipped']} skipped, "
           f"{summary['flagged']} flagged ({summary['flagged_fraction']:.1%})"

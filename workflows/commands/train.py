@@ -23,7 +23,8 @@ def run(args) -> int:
     config = config_from_args(args)
     init_ray(config.ray_address)
     results = run_train(config)
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled)
+    stored = results[0].checkpoint if len(results) == 1 else config.output
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=stored)
     info = probe_backbone(asdict(config.backbone))
     for result in results:
         with tracker.run(f"train {result.spec.method.name} seed={result.spec.seed}", tags={"kind": "train"}):

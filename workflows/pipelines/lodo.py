@@ -141,7 +141,7 @@ def run_lodo(config: RunConfig, *, progress: bool = True) -> LodoOutcome:
     storage.atomic_write_bytes(storage.join(run_url, "summary.md"), markdown.encode())
 
     versions = dataset_version(config.data.url, datasets)
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled)
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=config.output)
     with tracker.run(f"lodo {'+'.join(datasets)}", tags={"kind": "lodo"}) as parent:
         tracker.params({"config": config.to_dict(), "backbone_identity": info.identity,
                         "source_groups": groups, "folds": [asdict(f) for f in folds],

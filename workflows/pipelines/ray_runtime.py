@@ -6,20 +6,47 @@ import os
 
 import ray
 
+REDACTION_HOOK = "workflows.redaction.install_in_worker"
+
+
+def redaction_runtime_env() -> dict:
+    """The job's runtime_env: every worker process redacts its stdout, stderr and logging (so Ray's
+    session logs hold no secret) with the secrets registered in the driver, passed base64-encoded."""
+    from workflows import redaction
+
+    return {"worker_process_setup_hook": REDACTION_HOOK,
+            "env_vars": {redaction.TRANSPORT_ENV: redaction.transport_value()}}
+
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS); start a local Ray otherwise. Reuses a running one."""
     if ray.is_initialized():
+        configure_data_context()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = redaction_runtime_env()
     # on a cluster the nodes are expected to have residual-ad installed (same image as the driver)
     if address:
-        ray.init(address=address, log_to_driver=True, ignore_reinit_error=True)
+        try:
+            ray.init(address=address, log_to_driver=True, ignore_reinit_error=True, runtime_env=runtime_env)
+        except ValueError as exc:  # `ray job submit` set a conflicting runtime_env: keep the job's
+            if "runtime env" not in str(exc) and "runtime_env" not in str(exc):
+                raise
+            import warnings
+
+            warnings.warn("the job's runtime_env conflicts with residual-ad's redaction hook; Ray workers "
+                          "will not redact their own output", stacklevel=2)
+            ray.init(address=address, log_to_driver=True, ignore_reinit_error=True)
     else:
         # address="local": start our own Ray, never silently join whatever `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=True)
-    # our own progress bars (tqdm, per pipeline stage) replace Ray Data's per-operator log lines
+                 log_to_driver=True, runtime_env=runtime_env)
+    configure_data_context()
+
+
+def configure_data_context() -> None:
+    """Ray Data settings of this driver (idempotent): our own progress bars (tqdm, per pipeline stage)
+    replace Ray Data's per-operator log lines."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
