@@ -4,7 +4,10 @@ Everything that leaves the process is redacted (`workflows.redaction`): stdout, 
 through redacting streams for the whole command, the passwords of the URLs in the arguments and the
 config file are registered as secrets first (and passed on to Ray workers), and an error ends the
 command with one redacted line on stderr (`residual-ad <command>: error: ...`, exit code 1) instead of
-a traceback; `RESIDUAL_AD_TRACEBACK=1` prints the (redacted) traceback too.
+a traceback; `RESIDUAL_AD_TRACEBACK=1` (or `--debug`) prints the (redacted) traceback too.
+A user error (`ConfigError`: a bad config value, missing data, an unknown method, dataset or category,
+too few references -- checked on the driver before Ray starts, see `workflows.validate`) prints
+`residual-ad <command>: error: <what> (<where>): <why>; <what to do>` and exits 2; other failures exit 1.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="residual-ad",
         description="Few-shot, class-agnostic image anomaly detection with residual features.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the (redacted) traceback of an error too (same as {TRACEBACK_ENV}=1); "
+                             "accepted anywhere on the command line")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _available_commands().values():
         module.add_parser(subparsers)
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TRACEBACK_ENV = "RESIDUAL_AD_TRACEBACK"
+USER_ERROR_EXIT = 2  # a user error (ConfigError); argparse's usage errors exit 2 too
 # what the operator does about an error of this kind (by exception class name, Ray's included)
 _HINTS = {
     "StorageError": "check the object store (endpoint, credentials, network); rerun the same command to "
@@ -144,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         if as_program:  # Ray records the driver's command line (job table, logs): keep it redacted
             sys.argv[:] = [redaction.redact(item) for item in sys.argv]
         parser = build_parser()
-        args = parser.parse_args(argv)
+        debug = "--debug" in argv
+        args = parser.parse_args([item for item in argv if item != "--debug"])
+        show_traceback = debug or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
         try:
             return int(args.run(args) or 0)
         except KeyboardInterrupt:
@@ -152,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 130
         except Exception as exc:  # noqa: BLE001 - the top of the command: one clear, redacted line
-            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            from workflows.config import ConfigError
+
+            if show_traceback:
                 traceback.print_exception(exc, file=sys.stderr)
+            if isinstance(root_cause(exc), ConfigError):  # the user's to fix: the message says how
+                print(f"residual-ad {args.command}: error: {redaction.redact(str(root_cause(exc)))}",
+                      file=sys.stderr)
+                return USER_ERROR_EXIT
             print(f"residual-ad {args.command}: error: {describe(exc)}", file=sys.stderr)
             return 1
     finally:

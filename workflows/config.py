@@ -19,7 +19,29 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or has a value of the wrong type."""
+    """A user error in the run's config or inputs: an unknown key, a value of the wrong type or out of
+    range, data or a checkpoint that is not there. The CLI prints it as one line and exits 2."""
+
+
+def bad_value(key: str, value: Any, why: str, fix: str | None = None) -> ConfigError:
+    """`bad value <value> (<key>): <why>; <what to do>` -- the one shape of a config value error."""
+    return ConfigError(f"bad value {value!r} ({key}): {why}; {fix or f'set {key} to a valid value'}")
+
+
+def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise bad_value(key, value, f"must be one of {', '.join(choices)}",
+                        f"set {key} to one of them (--set {key}={choices[0]})")
+
+
+def _at_least(key: str, value: Any, minimum: float) -> None:
+    if value is not None and value < minimum:
+        raise bad_value(key, value, f"must be >= {minimum}", f"set {key} to {minimum} or more")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+SAVE_MAPS = ("none", "sample", "all")
+MAP_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -38,6 +60,9 @@ class BackboneConfig:
     layers: list[int] | None = None  # None: the backbone's default layers
     image_size: int | None = None  # None: the backbone's default resolution
 
+    def __post_init__(self) -> None:
+        _at_least("backbone.image_size", self.image_size, 1)
+
 
 @dataclass
 class MethodConfig:
@@ -50,6 +75,13 @@ class MethodConfig:
 class IndexConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 4])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def __post_init__(self) -> None:
+        for key, values in (("index.shots", self.shots), ("index.seeds", self.seeds)):
+            if not values:
+                raise bad_value(key, values, "must not be empty", f"give at least one, e.g. --set {key}=[1]")
+        for k in self.shots:
+            _at_least("index.shots", k, 1)
 
 
 @dataclass
@@ -64,6 +96,11 @@ class TrainConfig:
     max_images_per_category: int | None = None
     num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
+    def __post_init__(self) -> None:
+        _at_least("train.ref_shot", self.ref_shot, 1)
+        _at_least("train.max_images_per_category", self.max_images_per_category, 1)
+        _at_least("train.num_gpus", self.num_gpus, 0)
+
 
 @dataclass
 class EvaluateConfig:
@@ -77,11 +114,28 @@ class EvaluateConfig:
     max_retries: int = 3  # actor restarts / task retries
     stop_after_shards: int | None = None  # test hook: stop after committing this many shards
 
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "num_actors", "shard_size"):
+            _at_least(f"evaluate.{key}", getattr(self, key), 1)
+        _at_least("evaluate.num_gpus_per_actor", self.num_gpus_per_actor, 0)
+        _at_least("evaluate.max_retries", self.max_retries, 0)
+        _at_least("evaluate.stop_after_shards", self.stop_after_shards, 0)
+        _one_of("evaluate.save_maps", self.save_maps, SAVE_MAPS)
+        _one_of("evaluate.map_dtype", self.map_dtype, MAP_DTYPES)
+        if not 0 < self.map_sample_fraction <= 1:
+            raise bad_value("evaluate.map_sample_fraction", self.map_sample_fraction, "must be in (0, 1]",
+                            "set evaluate.map_sample_fraction to e.g. 0.1")
+
 
 @dataclass
 class LodoConfig:
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
     holdout: list[str] = field(default_factory=list)  # empty: every dataset in turn
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise bad_value("lodo.methods", self.methods, "must not be empty",
+                            "list at least one method (name, params)")
 
 
 @dataclass
@@ -103,6 +157,11 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     lodo: LodoConfig = field(default_factory=LodoConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise bad_value("device", self.device, f"must be one of {', '.join(DEVICES)} or cuda:<index>",
+                            "set device to auto, cpu or cuda")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -85,6 +85,8 @@ def baseline_preprocess(params: dict) -> str:
     unknown = sorted(set(params) - {"normalize", "preprocess"})
     if unknown:
         raise MethodError(f"baseline: unknown config keys {unknown}")
+    if not isinstance(params.get("normalize", True), bool):
+        raise MethodError(f"baseline: normalize must be true or false, got {params['normalize']!r}")
     preprocess = params.get("preprocess", DEFAULT_PREPROCESS)
     if preprocess not in PREPROCESS_NAMES:
         raise MethodError(f"baseline: preprocess must be one of {PREPROCESS_NAMES}, got {preprocess!r}")

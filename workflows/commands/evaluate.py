@@ -21,8 +21,10 @@ def run(args) -> int:
     from workflows.pipelines.summary import summary_rows, to_markdown
     from workflows.reports.evaluation import log_evaluation_reports
     from workflows.tracking import Tracker, eval_metrics, log_results_table
+    from workflows.validate import validate_run
 
     config = config_from_args(args)
+    validate_run(config, "evaluate")  # bad config or inputs: one line, exit 2, before Ray
     init_ray(config.ray_address)
     results = run_evaluate(config)
     if any(not r.completed for r in results):

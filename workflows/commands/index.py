@@ -15,8 +15,10 @@ def run(args) -> int:
     from workflows.config import config_from_args
     from workflows.pipelines.index import run_index
     from workflows.pipelines.ray_runtime import init_ray
+    from workflows.validate import validate_run
 
     config = config_from_args(args)
+    validate_run(config, "index")  # bad config or inputs: one line, exit 2, before Ray
     init_ray(config.ray_address)
     plans = run_index(config)
     for request, plan in sorted(plans.items(), key=lambda item: str(item[0])):

@@ -47,5 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for line in result.report.summary_lines():
         print(line)
+    for line in result.report.reference_warnings():
+        print(line, file=sys.stderr)
     print(f"quarantine report: {redact(result.report_url)}")
     return 0

@@ -17,8 +17,10 @@ def run(args) -> int:
     from workflows.pipelines.ray_runtime import init_ray
     from workflows.storage import redact
     from workflows.tracking import tracking_uri
+    from workflows.validate import validate_run
 
     config = config_from_args(args)
+    validate_run(config, "lodo")  # bad config or inputs: one line, exit 2, before Ray
     init_ray(config.ray_address)
     outcome = run_lodo(config)
     for fold in outcome.folds:

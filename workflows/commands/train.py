@@ -19,8 +19,10 @@ def run(args) -> int:
     from workflows.pipelines.ray_runtime import init_ray
     from workflows.pipelines.train import run_train
     from workflows.tracking import Tracker
+    from workflows.validate import validate_run
 
     config = config_from_args(args)
+    validate_run(config, "train")  # bad config or inputs: one line, exit 2, before Ray
     init_ray(config.ray_address)
     results = run_train(config)
     stored = results[0].checkpoint if len(results) == 1 else config.output

@@ -32,6 +32,8 @@ class QuarantineReport:
     quarantined: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)  # kept, but marked (e.g. no mask)
     other_problems: list[Problem] = field(default_factory=list)  # masks, categories, stray files
+    # categories written without a normal `train` image: no few-shot references, evaluate cannot use them
+    without_references: list[str] = field(default_factory=list)
 
     def add(self, problem: Problem) -> None:
         (self.quarantined if problem.kind == "image" else self.other_problems).append(problem)
@@ -55,12 +57,14 @@ class QuarantineReport:
                 "quarantined": len(self.quarantined),
                 "kept_with_warnings": len(self.warnings),
                 "other_problems": len(self.other_problems),
+                "categories_without_references": len(self.without_references),
                 "reconciles": self.reconciles,
             },
             "reasons": self.reason_counts(),
             "quarantined": [asdict(p) for p in self.quarantined],
             "warnings": [asdict(p) for p in self.warnings],
             "other_problems": [asdict(p) for p in self.other_problems],
+            "categories_without_references": list(self.without_references),
         }
 
     def summary_lines(self) -> list[str]:
@@ -76,6 +80,12 @@ class QuarantineReport:
         for reason, count in sorted(self.reason_counts().items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {count:6d}  {reason}")
         return lines
+
+    def reference_warnings(self) -> list[str]:
+        """One line per category without normal `train` images (few-shot evaluation needs k of them)."""
+        return [f"warning: {self.dataset}/{category}: no normal train images (references); evaluate, index "
+                f"and lodo cannot use this category -- add normal images under its train split "
+                f"(folder layout: {category}/train/)" for category in self.without_references]
 
 
 def _reason_key(reason: str) -> str:

@@ -118,6 +118,7 @@ def _rows(tree: SourceTree, scan: LayoutScan, report: QuarantineReport, options:
           dataset: str) -> Iterator[dict]:
     """Validate items in parallel (order kept) and yield rows; problems go into ``report``."""
     seen_ids: dict[tuple[str, str, str], str] = {}
+    with_references: set[str] = set()
     chunk = max(8, options.workers * 4)
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool, \
             _progress(len(scan.items), options.progress, f"ingest {dataset}") as bar:
@@ -138,11 +139,16 @@ def _rows(tree: SourceTree, scan: LayoutScan, report: QuarantineReport, options:
                 if warning is not None:
                     report.warnings.append(warning)
                 report.written += 1
+                if item.split == "train" and row["label"] in (0, None):
+                    with_references.add(item.category)
                 yield row
-    if options.strict and (report.quarantined or report.other_problems):
+    report.without_references = sorted(set(scan.categories) - with_references)
+    if options.strict and (report.quarantined or report.other_problems or report.without_references):
         raise StrictIngestError(
-            f"--strict: {len(report.quarantined)} quarantined images and {len(report.other_problems)} other "
-            "problems; nothing was written"
+            f"--strict: {len(report.quarantined)} quarantined images, {len(report.other_problems)} other "
+            f"problems and {len(report.without_references)} categories without normal train images"
+            + (f" ({', '.join(report.without_references)})" if report.without_references else "")
+            + "; nothing was written"
         )
 
 
