@@ -1,36 +1,44 @@
-"""Exact k-nearest-neighbour search in score blocks: no [queries x references] matrix is ever held.
+"""Exact k-nearest-neighbour search without the [queries x references] score matrix.
 
 `exact_search(query, reference, k, metric=)` returns the same top-k as the dense
 `(query @ reference.T).topk(k)` (cosine / inner product) or `torch.cdist(...).topk(k, largest=False)`
-(squared L2), computed tile by tile:
+(squared L2), without ever holding more than one cache-sized block of scores. Two kernels, one contract:
 
-  for each block of query rows:
-      for each block of reference columns:
-          scores = query_block @ reference_block.T        one GEMM into a reused, cache-sized buffer
-          chunk maxima = max over each run of CHUNK columns (a fast values-only reduction)
-          the winning chunk(s) -> exact positions inside the block (a gather of CHUNK x k scores)
-          merge with the running best of the query block (strict >, so earlier columns win ties)
+- **torch** (any device, any float dtype, optional per-block `adjust` such as a spatial penalty):
 
-Why chunks: on CPUs an index-returning reduction (`max(dim)`, `argmax`, `topk`) over a score block
-is slower than the GEMM that produced it, while a values-only `amax` is several times faster. Chunk
-maxima find the block's winner with one fast pass; the index search then touches only the winning
-chunk (top-1) or the k best chunks (top-k: every top-k score lies in one of the k chunks with the
-highest maxima). Both passes read the block while it is still in cache.
+      for each block of query rows:
+          for each block of reference columns:
+              scores = query_block @ reference_block.T      one GEMM into a reused buffer
+              chunk maxima = max over each run of CHUNK columns (a fast values-only reduction)
+              the winning chunk(s) -> exact positions in the block (a gather of CHUNK x k scores)
+              merge with the query block's running best (strict >, so earlier columns win ties)
 
-Block sizes (`block_shape`): one score block holds at most `block_bytes` (CPU: `CPU_BLOCK_BYTES` =
-2 MiB, the size of a core's L2 cache on current server CPUs, so the GEMM's output is re-read from cache
-by the reductions; GPUs: `ACCELERATOR_BLOCK_BYTES` = 64 MiB, where kernel-launch count, not cache,
-limits speed). The reference side takes up to `MAX_REFERENCE_BLOCK` columns (a whole few-shot bank at
-low dimension, so the running merge is often skipped), rounded to a multiple of CHUNK, the query side
-the rest of the budget (at least one row).
+  Why chunks: on CPUs an index-returning reduction (`max(dim)`, `argmax`, `topk`) over a score block
+  is slower than the GEMM that produced it, while a values-only `amax` is several times faster. Chunk
+  maxima find the block's winner in one fast pass; the index search then touches only the winning
+  chunk (top-1) or the k best chunks (top-k: every top-k score lies in one of the k chunks with the
+  highest maxima). Both passes read the block while it is still in cache.
+- **faiss**: FAISS's exact flat search (`faiss.knn`: fused SIMD loops, or BLAS blocks of 4096 x 1024
+  for very many queries, with a running top-k), CPU float32 only, at torch's thread count.
 
-Ties: exact score ties (identical reference vectors, say) resolve to the lowest index for k = 1, as
-`torch.argmax` does. Scores that differ only by float rounding may come out in either order, as they
-do between any two GEMM blockings. For k > 1 the order among exactly tied scores is unspecified
-(as in `torch.topk`).
+`backend="auto"` (the default) takes FAISS where it can run (CPU, float32, no `adjust`): measured side by
+side in `benchmarks/matching.py` it was as fast or faster than the torch kernel on CPU at every few-shot
+size; the torch kernel serves GPUs, penalised scores and float64.
 
-Device-agnostic (the buffer and all index arithmetic live on the inputs' device), batch-first (query
-[..., D] -> results [..., k]); the only Python loops are over blocks.
+Block sizes (`block_shape`, torch kernel): one score block holds at most `block_bytes` (CPU:
+`CPU_BLOCK_BYTES` = 2 MiB, a core's L2 cache on current server CPUs, so the reductions re-read the
+GEMM's output from cache; GPUs: `ACCELERATOR_BLOCK_BYTES` = 64 MiB, where the number of kernel launches,
+not cache, limits speed). The reference side takes up to `MAX_REFERENCE_BLOCK` columns (a whole few-shot
+bank at low dimension, so the running merge is often skipped), rounded to a multiple of CHUNK, the query
+side the rest of the budget (at least one row).
+
+Ties: exact score ties (identical reference vectors) resolve to the lowest index for k = 1, as
+`torch.argmax` does, on both kernels (tested; the torch kernel zero-pads a short last column block to
+the full width because a GEMM of another width may round the same dot product differently). Scores
+that differ only by float rounding may come out in either order, as between any two GEMM blockings.
+For k > 1 the order among exactly tied scores is unspecified (as in `torch.topk`).
+
+Batch-first (query [..., D] -> results [..., k]); the only Python loops are over blocks.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import faiss
 import torch
 
 METRICS = ("ip", "cosine", "l2")
+BACKENDS = ("auto", "torch", "faiss")
 CPU_BLOCK_BYTES = 2 << 20
 ACCELERATOR_BLOCK_BYTES = 64 << 20
 MAX_REFERENCE_BLOCK = 4096
@@ -94,6 +104,7 @@ def exact_search(
     adjust: Adjust | None = None,
     shape: BlockShape | None = None,
     block_bytes: int | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-`k` references of each query row, without materialising all scores.
 
@@ -102,8 +113,12 @@ def exact_search(
     score block before ranking (ip/cosine only). Returns (scores [..., k'], indices [..., k'] long),
     best first, k' = min(k, N): similarities for ip/cosine, squared distances for l2. `shape` overrides
     the heuristic block shape (tests use it); `block_bytes` only the memory budget. The scores carry
-    no gradient (recompute the chosen ones where a gradient is needed).
+    no gradient (recompute the chosen ones where a gradient is needed). backend: "torch" (the blocked
+    kernel above), "faiss" (FAISS's flat search, `faiss.knn`: CPU float32 without `adjust`, at torch's
+    thread count) or "auto" (FAISS where `faiss_applies`, else torch).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {METRICS}")
     if reference.ndim != 2 or query.ndim < 1 or query.shape[-1] != reference.shape[1]:
@@ -116,10 +131,21 @@ def exact_search(
     if adjust is not None and metric == "l2":
         raise ValueError("adjust works on similarities (metric 'ip' or 'cosine'), not on L2 distances")
     with torch.no_grad():
-        return _exact_search(query, reference, k, metric, adjust, shape, block_bytes)
+        return _exact_search(query, reference, k, metric, adjust, shape, block_bytes, backend)
 
 
-def _exact_search(query, reference, k, metric, adjust, shape, block_bytes):
+def faiss_applies(rows: torch.Tensor, reference: torch.Tensor, adjust: Adjust | None) -> bool:
+    """Whether FAISS's flat search can run: CPU float32 tensors and no per-block adjustment. There "auto"
+    takes it: it was as fast or faster than the torch kernel in `benchmarks/matching.py`."""
+    return (
+        adjust is None
+        and rows.device.type == "cpu"
+        and rows.dtype == torch.float32
+        and reference.dtype == torch.float32
+    )
+
+
+def _exact_search(query, reference, k, metric, adjust, shape, block_bytes, backend):
     lead, dim = query.shape[:-1], query.shape[-1]
     rows = query.reshape(-1, dim)
     if not rows.is_floating_point():
@@ -130,7 +156,13 @@ def _exact_search(query, reference, k, metric, adjust, shape, block_bytes):
     total, count = reference.shape[0], min(k, reference.shape[0])
     scores = torch.empty(rows.shape[0], count, dtype=rows.dtype, device=rows.device)
     indices = torch.empty(rows.shape[0], count, dtype=torch.long, device=rows.device)
-    if rows.shape[0] and count:
+    if backend == "faiss" and not faiss_applies(rows, reference, adjust):
+        raise ValueError("the faiss backend needs CPU float32 tensors and no adjust")
+    automatic = backend == "auto" and shape is None  # an explicit block shape asks for the torch kernel
+    use_faiss = backend == "faiss" or (automatic and faiss_applies(rows, reference, adjust))
+    if use_faiss and rows.shape[0] and count:
+        scores, indices = _faiss_search(rows, reference, count, metric)
+    elif rows.shape[0] and count:
         shape = shape or block_shape(
             rows.shape[0],
             total,
@@ -156,30 +188,48 @@ def nearest(
     return scores[..., 0], indices[..., 0]
 
 
+def _faiss_search(rows, reference, k, metric):
+    """FAISS's exact flat search (BLAS or SIMD blocks with a running top-k) at torch's thread count."""
+    saved = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        scores, indices = faiss.knn(
+            rows.detach().contiguous().numpy(),
+            reference.detach().contiguous().numpy(),
+            k,
+            metric=faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT,
+        )
+    finally:
+        faiss.omp_set_num_threads(saved)
+    return torch.from_numpy(scores), torch.from_numpy(indices)
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)  # the authors' normalisation, as faiss_index.normalise_rows
 
 
 def _search(rows, reference, k, shape, bias, adjust, out_scores, out_indices):
-    total = reference.shape[0]
     buffer = torch.empty(shape.rows * shape.columns, dtype=rows.dtype, device=rows.device)
-    offsets = torch.arange(max(shape.chunk, 1), device=rows.device)
+    tables = _ChunkColumns(shape.chunk, rows.device)
+    blocks = _column_blocks(reference, shape.columns)
     for r0 in range(0, rows.shape[0], shape.rows):
         block_rows = slice(r0, min(r0 + shape.rows, rows.shape[0]))
         q = rows[block_rows]
         best_scores = best_indices = None
-        for c0 in range(0, total, shape.columns):
-            columns = slice(c0, min(c0 + shape.columns, total))
-            ref = reference[columns]
+        for columns, ref in blocks:
             out = buffer[: q.shape[0] * ref.shape[0]].view(q.shape[0], ref.shape[0])
-            if bias is None:
-                block = torch.mm(q, ref.T, out=out)
-            else:
-                block = torch.addmm(bias[columns], q, ref.T, out=out)
+            block = torch.mm(q, ref.T, out=out)
+            real = block[:, : columns.stop - columns.start]
+            if bias is not None:  # added apart from the GEMM: equal vectors keep bitwise-equal scores
+                real.add_(bias[columns])
             if adjust is not None:
-                block = adjust(block, block_rows, columns)
-            values, positions = _block_topk(block, k, shape.chunk, offsets)
-            positions += c0
+                adjusted = adjust(real, block_rows, columns)
+                if adjusted is not real:
+                    real.copy_(adjusted)
+            if real.shape[1] < block.shape[1]:
+                block[:, real.shape[1] :] = float("-inf")  # the zero padding of a short last block
+            values, positions = _block_topk(block, min(k, real.shape[1]), shape.chunk, tables)
+            positions += columns.start
             if best_scores is None:
                 best_scores, best_indices = values, positions
             elif k == 1:
@@ -195,7 +245,35 @@ def _search(rows, reference, k, shape, bias, adjust, out_scores, out_indices):
         out_indices[block_rows] = best_indices
 
 
-def _block_topk(block: torch.Tensor, k: int, chunk: int, offsets: torch.Tensor):
+def _column_blocks(reference: torch.Tensor, width: int) -> list[tuple[slice, torch.Tensor]]:
+    """(columns, reference rows) per column block. A short last block is zero-padded to the full width
+    (its extra scores are set to -inf): the GEMM may round a score differently in a block of another
+    width, and equal reference vectors must keep bitwise-equal scores for ties to go to the first."""
+    total = reference.shape[0]
+    starts = range(0, total, width)
+    blocks = [(slice(c0, min(c0 + width, total)), reference[c0 : c0 + width]) for c0 in starts]
+    columns, last = blocks[-1]
+    if len(blocks) > 1 and last.shape[0] < width:
+        blocks[-1] = (columns, torch.cat([last, last.new_zeros(width - last.shape[0], last.shape[1])]))
+    return blocks
+
+
+class _ChunkColumns:
+    """Per block width n: the [chunks, chunk] table of each chunk's columns (the short last chunk
+    repeats column n - 1) and the mask of those repeats."""
+
+    def __init__(self, chunk: int, device: torch.device) -> None:
+        self.chunk, self.device, self._tables = chunk, device, {}
+
+    def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n not in self._tables:
+            count = -(-n // self.chunk)
+            columns = torch.arange(count * self.chunk, device=self.device).view(count, self.chunk)
+            self._tables[n] = (columns.clamp_max(n - 1), columns >= n)
+        return self._tables[n]
+
+
+def _block_topk(block: torch.Tensor, k: int, chunk: int, tables: _ChunkColumns):
     """Top-k (values [m, k'], column positions [m, k']) of one score block [m, n], k' = min(k, n)."""
     m, n = block.shape
     k = min(k, n)
@@ -208,14 +286,14 @@ def _block_topk(block: torch.Tensor, k: int, chunk: int, offsets: torch.Tensor):
     maxima = block[:, :full].view(m, full // chunk, chunk).amax(dim=2)
     if full < n:
         maxima = torch.cat([maxima, block[:, full:].amax(dim=1, keepdim=True)], dim=1)
+    table, repeated = tables(n)
     if k == 1:
-        values, chunks = maxima.max(dim=1, keepdim=True)  # the first chunk holding the maximum
-        columns = (chunks * chunk + offsets).clamp_max_(n - 1)  # [m, chunk]
+        values, chunks = maxima.max(dim=1)  # the first chunk holding the maximum
+        columns = table[chunks]  # [m, chunk]
         inside = block.gather(1, columns).argmax(dim=1, keepdim=True)  # first position: lowest column
-        return values, columns.gather(1, inside)
+        return values[:, None], columns.gather(1, inside)
     _, chunks = maxima.topk(min(k, maxima.shape[1]), dim=1)
-    columns = (chunks[:, :, None] * chunk + offsets).flatten(1)  # [m, k * chunk]
-    outside = columns >= n  # the short last chunk's missing columns
-    candidates = block.gather(1, columns.clamp_max(n - 1)).masked_fill_(outside, float("-inf"))
+    columns = table[chunks].flatten(1)  # [m, k * chunk]
+    candidates = block.gather(1, columns).masked_fill_(repeated[chunks].flatten(1), float("-inf"))
     values, inside = candidates.topk(k, dim=1)
     return values, columns.gather(1, inside)

@@ -1,5 +1,6 @@
 """The blocked exact search equals the dense [queries x references] computation it replaces."""
 
+import faiss
 import pytest
 import torch
 
@@ -16,6 +17,10 @@ SHAPES = [
     BlockShape(64, 37, 1),
     BlockShape(1000, 1000, 64),
     None,  # the heuristic
+]
+# the torch kernel at every block shape, and FAISS's flat search (the "auto" choice on CPU)
+CASES = [pytest.param(shape, "torch", id=f"torch-{shape}") for shape in SHAPES] + [
+    pytest.param(None, "faiss", id="faiss")
 ]
 
 
@@ -45,13 +50,13 @@ def assert_ties_free(query, reference, k, metric, margin=1e-5):
     assert gaps.numel() == 0 or float(gaps.min()) > margin
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("shape", "backend"), CASES)
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("k", [1, 3, 10])
-def test_equals_dense_top_k(shape, metric, k):
+def test_equals_dense_top_k(shape, backend, metric, k):
     query, reference = data(seed=k)
     assert_ties_free(query, reference, k, metric)
-    scores, indices = exact_search(query, reference, k, metric=metric, shape=shape)
+    scores, indices = exact_search(query, reference, k, metric=metric, shape=shape, backend=backend)
     expected_scores, expected_indices = dense(query, reference, k, metric)
     assert indices.shape == (29, k) and indices.dtype == torch.long
     assert torch.equal(indices, expected_indices)
@@ -61,12 +66,15 @@ def test_equals_dense_top_k(shape, metric, k):
 LARGER_SHAPES = [BlockShape(37, 200, 16), BlockShape(64, 37, 1), BlockShape(128, 513, 64), None]
 
 
-@pytest.mark.parametrize("shape", [*LARGER_SHAPES, BlockShape(300, 1500, 64)])
-def test_top1_equals_argmax_of_the_similarity_matrix(shape):
+@pytest.mark.parametrize(
+    ("shape", "backend"),
+    [*[(shape, "torch") for shape in [*LARGER_SHAPES, BlockShape(300, 1500, 64)]], (None, "faiss")],
+)
+def test_top1_equals_argmax_of_the_similarity_matrix(shape, backend):
     query, reference = data(queries=300, references=1500, dim=24, seed=3)
     query, reference = unit(query), unit(reference)
     assert_ties_free(query, reference, 1, "ip", margin=1e-6)
-    scores, indices = nearest(query, reference, shape=shape)
+    scores, indices = nearest(query, reference, shape=shape, backend=backend)
     similarity = query @ reference.T
     assert torch.equal(indices, similarity.argmax(dim=1))
     torch.testing.assert_close(scores, similarity.amax(dim=1))
@@ -75,52 +83,91 @@ def test_top1_equals_argmax_of_the_similarity_matrix(shape):
 @pytest.mark.parametrize("block_bytes", [4, 256, 4096, 1 << 16, None])
 def test_memory_budget_does_not_change_results(block_bytes):
     query, reference = data(queries=40, references=500, seed=4)
-    expected = exact_search(query, reference, 4, block_bytes=1 << 30)
-    result = exact_search(query, reference, 4, block_bytes=block_bytes)
+    expected = exact_search(query, reference, 4, block_bytes=1 << 30, backend="torch")
+    result = exact_search(query, reference, 4, block_bytes=block_bytes, backend="torch")
     assert torch.equal(result[1], expected[1])
     torch.testing.assert_close(result[0], expected[0])
 
 
-def test_batch_first_shapes_and_dtypes():
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
+def test_batch_first_shapes_and_dtypes(backend):
     query, reference = data(queries=24, references=50)
-    batched = exact_search(query.view(2, 3, 4, 12), reference, 2, metric="cosine")
-    flat = exact_search(query, reference, 2, metric="cosine")
+    batched = exact_search(query.view(2, 3, 4, 12), reference, 2, metric="cosine", backend=backend)
+    flat = exact_search(query, reference, 2, metric="cosine", backend=backend)
     assert batched[0].shape == (2, 3, 4, 2) and batched[1].shape == (2, 3, 4, 2)
     assert torch.equal(batched[1].reshape(24, 2), flat[1])
-    doubled = exact_search(query.double(), reference.double(), 2, metric="cosine")
-    assert doubled[0].dtype == torch.float64 and torch.equal(doubled[1], flat[1])
-    scores, indices = nearest(query.view(4, 6, 12), reference)
+    if backend != "faiss":  # float64 runs on the torch kernel
+        doubled = exact_search(query.double(), reference.double(), 2, metric="cosine", backend=backend)
+        assert doubled[0].dtype == torch.float64 and torch.equal(doubled[1], flat[1])
+    scores, indices = nearest(query.view(4, 6, 12), reference, backend=backend)
     assert scores.shape == indices.shape == (4, 6)
 
 
-def test_empty_and_one_row_edge_cases():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_empty_and_one_row_edge_cases(backend):
     query, reference = data(queries=5, references=9)
-    scores, indices = exact_search(query[:0], reference, 3)
+    scores, indices = exact_search(query[:0], reference, 3, backend=backend)
     assert scores.shape == indices.shape == (0, 3)
-    scores, indices = exact_search(query, reference[:0], 3)  # no references: no neighbours
+    scores, indices = exact_search(query, reference[:0], 3, backend=backend)  # no references
     assert scores.shape == indices.shape == (5, 0)
     with pytest.raises(ValueError, match="empty reference"):
-        nearest(query, reference[:0])
-    scores, indices = exact_search(query, reference[:1], 4)  # k > N: all N references
+        nearest(query, reference[:0], backend=backend)
+    scores, indices = exact_search(query, reference[:1], 4, backend=backend)  # k > N: all N references
     assert indices.shape == (5, 1) and torch.equal(indices, torch.zeros(5, 1, dtype=torch.long))
     torch.testing.assert_close(scores[:, 0], query @ reference[0])
-    scores, indices = exact_search(query[:1], reference, 9)  # one query, k = N: a full ranking
+    scores, indices = exact_search(query[:1], reference, 9, backend=backend)  # one query, k = N
     assert torch.equal(indices[0], (query[:1] @ reference.T)[0].argsort(descending=True))
-    for shape in SHAPES:
-        _, one = nearest(query[2:3], reference, shape=shape)
+    for shape in SHAPES if backend == "torch" else [None]:
+        _, one = nearest(query[2:3], reference, shape=shape, backend=backend)
         assert one.tolist() == [int((query[2] @ reference.T).argmax())]
 
 
-@pytest.mark.parametrize("shape", [*SHAPES, BlockShape(4, 8, 4)])
-def test_exact_ties_go_to_the_lowest_index_like_argmax(shape):
+@pytest.mark.parametrize(("shape", "backend"), [*CASES, pytest.param(BlockShape(4, 8, 4), "torch", id="4x8")])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_ties_go_to_the_lowest_index_like_argmax(shape, backend, metric):
     """Duplicate reference vectors in other blocks, other chunks and the same chunk: the first one wins."""
     query, reference = data(queries=30, references=40, dim=8, seed=5)
+    reference[3] = reference[2]  # in the same chunk
     reference = torch.cat([reference, reference, reference[:20]])  # rows i, i + 40 (, i + 80) equal
-    reference[3] = reference[2]  # same chunk
-    scores, indices = nearest(query, reference, shape=shape)
-    expected = (query @ reference.T).argmax(dim=1)
+    scores, indices = nearest(query, reference, shape=shape, backend=backend, metric=metric)
+    if metric == "l2":
+        expected = torch.cdist(query, reference).argmin(dim=1)
+    else:
+        expected = (query @ reference.T).argmax(dim=1)
     assert torch.equal(indices, expected)
     assert bool((indices < 40).all())
+
+
+@pytest.fixture(params=["seq", "blas"])
+def faiss_kernel(request):
+    """FAISS's flat search runs SIMD loops below `distance_compute_blas_threshold` queries, BLAS blocks
+    above: test both."""
+    saved = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 0 if request.param == "blas" else 1 << 30
+    yield request.param
+    faiss.cvar.distance_compute_blas_threshold = saved
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_ties_across_large_blocks(metric, faiss_kernel):
+    """The same at sizes where torch runs several column blocks and FAISS several BLAS blocks."""
+    query, reference = data(queries=3000, references=2000, dim=24, seed=8)
+    reference = torch.cat([reference, reference])
+    expected = torch.cdist(query, reference).argmin(1) if metric == "l2" else (query @ reference.T).argmax(1)
+    for shape, backend in [(BlockShape(300, 1000, 64), "torch"), (None, "torch"), (None, "faiss")]:
+        _, indices = nearest(query, reference, shape=shape, backend=backend, metric=metric)
+        assert bool((indices < 2000).all())
+        assert torch.equal(indices, expected)
+
+
+def test_faiss_blas_blocks_equal_dense(faiss_kernel):
+    query, reference = data(queries=500, references=3000, dim=24, seed=9)
+    for metric, k in [("cosine", 1), ("ip", 5), ("l2", 3)]:
+        assert_ties_free(query, reference, k, metric)
+        scores, indices = exact_search(query, reference, k, metric=metric, backend="faiss")
+        expected_scores, expected_indices = dense(query, reference, k, metric)
+        assert torch.equal(indices, expected_indices)
+        torch.testing.assert_close(scores.double(), expected_scores, atol=2e-5, rtol=1e-5)
 
 
 def test_adjust_edits_each_block_like_the_dense_matrix():
@@ -132,7 +179,7 @@ def test_adjust_edits_each_block_like_the_dense_matrix():
 
     expected = (query @ reference.T + bonus).topk(3, dim=1)
     for shape in SHAPES:
-        scores, indices = exact_search(query, reference, 3, adjust=adjust, shape=shape)
+        scores, indices = exact_search(query, reference, 3, adjust=adjust, shape=shape)  # auto: torch
         assert torch.equal(indices, expected.indices)
         torch.testing.assert_close(scores, expected.values)
 
@@ -160,6 +207,10 @@ def test_clear_errors():
         exact_search(query, reference, 0)
     with pytest.raises(ValueError, match="not on L2"):
         exact_search(query, reference, metric="l2", adjust=lambda s, r, c: s)
+    with pytest.raises(ValueError, match="backend"):
+        exact_search(query, reference, backend="numpy")
+    with pytest.raises(ValueError, match="CPU float32"):
+        exact_search(query.double(), reference.double(), backend="faiss")
 
 
 def test_no_gradient_is_recorded():
@@ -173,7 +224,7 @@ def test_no_gradient_is_recorded():
 def test_cuda_equals_cpu():
     query, reference = data(queries=500, references=3000, dim=24, seed=7)
     for metric in ("cosine", "l2"):
-        cpu = exact_search(query, reference, 5, metric=metric)
+        cpu = exact_search(query, reference, 5, metric=metric, backend="torch")
         gpu = exact_search(query.cuda(), reference.cuda(), 5, metric=metric)
         assert gpu[1].device.type == "cuda"
         assert torch.equal(gpu[1].cpu(), cpu[1])
