@@ -18,8 +18,8 @@
   maxima find the block's winner in one fast pass; the index search then touches only the winning
   chunk (top-1) or the k best chunks (top-k: every top-k score lies in one of the k chunks with the
   highest maxima). Both passes read the block while it is still in cache.
-- **faiss**: FAISS's exact flat search (`faiss.knn`: fused SIMD loops, or BLAS blocks of 4096 x 1024
-  for very many queries, with a running top-k), CPU float32 only, at torch's thread count.
+- **faiss**: FAISS's exact flat search (`faiss.knn` in BLAS blocks of 4096 queries x 1024 references
+  with a running top-k), CPU float32 only, at torch's thread count.
 
 `backend="auto"` (the default) takes FAISS where it can run (CPU, float32, no `adjust`): measured side by
 side in `benchmarks/matching.py` it was as fast or faster than the torch kernel on CPU at every few-shot
@@ -32,11 +32,13 @@ not cache, limits speed). The reference side takes up to `MAX_REFERENCE_BLOCK` c
 bank at low dimension, so the running merge is often skipped), rounded to a multiple of CHUNK, the query
 side the rest of the budget (at least one row).
 
-Ties: exact score ties (identical reference vectors) resolve to the lowest index for k = 1, as
-`torch.argmax` does, on both kernels (tested; the torch kernel zero-pads a short last column block to
-the full width because a GEMM of another width may round the same dot product differently). Scores
-that differ only by float rounding may come out in either order, as between any two GEMM blockings.
-For k > 1 the order among exactly tied scores is unspecified (as in `torch.topk`).
+Ties: on the torch kernel, exact score ties (identical reference vectors) resolve to the lowest index
+for k = 1, as `torch.argmax` does (a short last column block is zero-padded to the full width because a
+GEMM of another width may round the same dot product differently). FAISS's kernel returns any one of
+the tied references (all the same vector when the tie comes from duplicates); callers that need the
+first index ask for `backend="torch"` (ResAD's matching does). Scores that differ only by float rounding
+may come out in either order, as between any two GEMM blockings. For k > 1 the order among exactly tied
+scores is unspecified (as in `torch.topk`).
 
 Batch-first (query [..., D] -> results [..., k]); the only Python loops are over blocks.
 """
@@ -189,9 +191,13 @@ def nearest(
 
 
 def _faiss_search(rows, reference, k, metric):
-    """FAISS's exact flat search (BLAS or SIMD blocks with a running top-k) at torch's thread count."""
-    saved = faiss.omp_get_max_threads()
+    """FAISS's exact flat search at torch's thread count, always in BLAS blocks (4096 queries x 1024
+    references, then a running top-k). FAISS's own default runs a per-query SIMD loop below 128,000
+    queries, which re-reads the whole bank for every query: 4-7x slower than BLAS blocks for 10^5-vector
+    banks (benchmarks/matching.py), never faster in our sizes."""
+    saved_threads, saved_threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
     faiss.omp_set_num_threads(torch.get_num_threads())
+    faiss.cvar.distance_compute_blas_threshold = 0
     try:
         scores, indices = faiss.knn(
             rows.detach().contiguous().numpy(),
@@ -200,7 +206,8 @@ def _faiss_search(rows, reference, k, metric):
             metric=faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT,
         )
     finally:
-        faiss.omp_set_num_threads(saved)
+        faiss.cvar.distance_compute_blas_threshold = saved_threshold
+        faiss.omp_set_num_threads(saved_threads)
     return torch.from_numpy(scores), torch.from_numpy(indices)
 
 

@@ -34,8 +34,9 @@ def nearest_reference_indices(
 ) -> torch.Tensor:
     """For raw features [B, L, C] and raw references [N, C]: [B, L] index of the cosine-nearest reference.
 
-    Argmax of the normalised inner products, as the authors compute it; "torch" runs the blocked exact
-    search (`knn.nearest`, ties to the lowest index like `torch.argmax`), "faiss" the candidate path.
+    Argmax of the normalised inner products, as the authors compute it; "torch" runs the exact search of
+    `knn.py` on its torch kernel (exact ties to the lowest index, like `torch.argmax`: FAISS's kernel
+    would resolve them arbitrarily), "faiss" the candidate path.
     """
     if features.ndim != 3:
         raise ValueError(f"features must be [B, L, C], got shape {tuple(features.shape)}")
@@ -43,7 +44,7 @@ def nearest_reference_indices(
     query = faiss_index.normalise_rows(features.float())
     if path == "torch":
         budget = min(knn.default_block_bytes(query.device), max_elements * query.element_size())
-        return knn.nearest(query, normalised, block_bytes=budget)[1]
+        return knn.nearest(query, normalised, block_bytes=budget, backend="torch")[1]
     result = match(
         query,
         ReferenceSet(normalised),

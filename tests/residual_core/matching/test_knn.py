@@ -122,10 +122,12 @@ def test_empty_and_one_row_edge_cases(backend):
         assert one.tolist() == [int((query[2] @ reference.T).argmax())]
 
 
-@pytest.mark.parametrize(("shape", "backend"), [*CASES, pytest.param(BlockShape(4, 8, 4), "torch", id="4x8")])
+@pytest.mark.parametrize("shape", [*SHAPES, BlockShape(4, 8, 4)])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_exact_ties_go_to_the_lowest_index_like_argmax(shape, backend, metric):
-    """Duplicate reference vectors in other blocks, other chunks and the same chunk: the first one wins."""
+def test_exact_ties_go_to_the_lowest_index_like_argmax(shape, metric):
+    """Torch kernel: duplicate reference vectors in other blocks, other chunks and the same chunk: the
+    first one wins."""
+    backend = "torch"
     query, reference = data(queries=30, references=40, dim=8, seed=5)
     reference[3] = reference[2]  # in the same chunk
     reference = torch.cat([reference, reference, reference[:20]])  # rows i, i + 40 (, i + 80) equal
@@ -138,29 +140,30 @@ def test_exact_ties_go_to_the_lowest_index_like_argmax(shape, backend, metric):
     assert bool((indices < 40).all())
 
 
-@pytest.fixture(params=["seq", "blas"])
-def faiss_kernel(request):
-    """FAISS's flat search runs SIMD loops below `distance_compute_blas_threshold` queries, BLAS blocks
-    above: test both."""
-    saved = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = 0 if request.param == "blas" else 1 << 30
-    yield request.param
-    faiss.cvar.distance_compute_blas_threshold = saved
-
-
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_exact_ties_across_large_blocks(metric, faiss_kernel):
-    """The same at sizes where torch runs several column blocks and FAISS several BLAS blocks."""
+def test_exact_ties_across_large_blocks(metric):
+    """The same where the torch kernel runs several column blocks (the last one shorter)."""
     query, reference = data(queries=3000, references=2000, dim=24, seed=8)
     reference = torch.cat([reference, reference])
     expected = torch.cdist(query, reference).argmin(1) if metric == "l2" else (query @ reference.T).argmax(1)
-    for shape, backend in [(BlockShape(300, 1000, 64), "torch"), (None, "torch"), (None, "faiss")]:
-        _, indices = nearest(query, reference, shape=shape, backend=backend, metric=metric)
+    for shape in (BlockShape(300, 1000, 64), BlockShape(1000, 1536, 64), None):
+        _, indices = nearest(query, reference, shape=shape, backend="torch", metric=metric)
         assert bool((indices < 2000).all())
         assert torch.equal(indices, expected)
 
 
-def test_faiss_blas_blocks_equal_dense(faiss_kernel):
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_faiss_resolves_exact_ties_to_one_of_the_tied_references(metric):
+    """FAISS's flat search may return any copy of a duplicated reference (documented): the same vector."""
+    query, reference = data(queries=30, references=40, dim=8, seed=5)
+    reference = torch.cat([reference, reference, reference[:20]])
+    _, indices = nearest(query, reference, backend="faiss", metric=metric)
+    _, first = nearest(query, reference, backend="torch", metric=metric)
+    assert torch.equal(indices % 40, first) and torch.equal(reference[indices], reference[first])
+
+
+def test_faiss_blas_blocks_equal_dense_and_leave_faiss_settings_alone():
+    threads, threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
     query, reference = data(queries=500, references=3000, dim=24, seed=9)
     for metric, k in [("cosine", 1), ("ip", 5), ("l2", 3)]:
         assert_ties_free(query, reference, k, metric)
@@ -168,6 +171,7 @@ def test_faiss_blas_blocks_equal_dense(faiss_kernel):
         expected_scores, expected_indices = dense(query, reference, k, metric)
         assert torch.equal(indices, expected_indices)
         torch.testing.assert_close(scores.double(), expected_scores, atol=2e-5, rtol=1e-5)
+    assert (faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold) == (threads, threshold)
 
 
 def test_adjust_edits_each_block_like_the_dense_matrix():
