@@ -29,8 +29,9 @@ Block sizes (`block_shape`, torch kernel): one score block holds at most `block_
 `CPU_BLOCK_BYTES` = 2 MiB, a core's L2 cache on current server CPUs, so the reductions re-read the
 GEMM's output from cache; GPUs: `ACCELERATOR_BLOCK_BYTES` = 64 MiB, where the number of kernel launches,
 not cache, limits speed). The reference side takes up to `MAX_REFERENCE_BLOCK` columns (a whole few-shot
-bank at low dimension, so the running merge is often skipped), rounded to a multiple of CHUNK, the query
-side the rest of the budget (at least one row).
+bank at low dimension, so the running merge is often skipped), split into equal blocks of whole chunks
+(so the zero-padded last block wastes less than a chunk per block), the query side the rest of the
+budget (at least one row).
 
 Ties: on the torch kernel, exact score ties (identical reference vectors) resolve to the lowest index
 for k = 1, as `torch.argmax` does (a short last column block is zero-padded to the full width because a
@@ -90,8 +91,10 @@ def block_shape(
     """The heuristic block shape for `queries` x `references` scores (see the module docstring)."""
     elements = max(1, (block_bytes or default_block_bytes(device)) // element_size)
     columns = min(max(1, references), MAX_REFERENCE_BLOCK, elements)
-    if CHUNK <= columns < references:  # whole chunks in every block but the last
-        columns = columns // CHUNK * CHUNK
+    if CHUNK <= columns < references:
+        # equal blocks of whole chunks: the zero-padded last block wastes less than one chunk per block
+        blocks = -(-references // (columns // CHUNK * CHUNK))
+        columns = -(-references // (blocks * CHUNK)) * CHUNK
     rows = max(1, min(max(1, queries), elements // columns))
     chunk = CHUNK if k * CHUNK * _CHUNK_SHARE <= columns else 1
     return BlockShape(rows, columns, chunk)

@@ -192,7 +192,10 @@ def test_block_shape_heuristic_bounds_the_block():
     shape = block_shape(50_176, 3_136, 1, block_bytes=2 << 20)
     assert shape.rows * shape.columns * 4 <= 2 << 20 and shape.columns == 3_136 and shape.chunk == knn.CHUNK
     big = block_shape(50_176, 100_000, 1)
-    assert big.columns == knn.MAX_REFERENCE_BLOCK and big.columns % knn.CHUNK == 0
+    assert big.columns <= knn.MAX_REFERENCE_BLOCK and big.columns % knn.CHUNK == 0
+    blocks = -(-100_000 // big.columns)
+    assert blocks * big.columns - 100_000 < blocks * knn.CHUNK  # padding: under a chunk per block
+    assert block_shape(100, 12_544, 1).columns == 3_136  # 4 shots of 56 x 56: 4 equal blocks
     assert big.rows * big.columns * 4 <= knn.CPU_BLOCK_BYTES
     assert block_shape(10, 10_000, 64).chunk == 1  # 64 best chunks are most of a block: no chunking
     assert block_shape(1, 1, 1) == BlockShape(1, 1, 1)
