@@ -22,8 +22,9 @@
   with a running top-k), CPU float32 only, at torch's thread count.
 
 `backend="auto"` (the default) takes FAISS where it can run (CPU, float32, no `adjust`): measured side by
-side in `benchmarks/matching.py` it was as fast or faster than the torch kernel on CPU at every few-shot
-size; the torch kernel serves GPUs, penalised scores and float64.
+side in `benchmarks/matching.py` it beat the torch kernel in most few-shot CPU cases (1.1-1.7x for top-1
+at dimensions 24-112) and trailed it only for top-64 on small banks; the torch kernel serves GPUs,
+penalised scores, float64 and callers that need first-index ties.
 
 Block sizes (`block_shape`, torch kernel): one score block holds at most `block_bytes` (CPU:
 `CPU_BLOCK_BYTES` = 2 MiB, a core's L2 cache on current server CPUs, so the reductions re-read the
@@ -141,7 +142,7 @@ def exact_search(
 
 def faiss_applies(rows: torch.Tensor, reference: torch.Tensor, adjust: Adjust | None) -> bool:
     """Whether FAISS's flat search can run: CPU float32 tensors and no per-block adjustment. There "auto"
-    takes it: it was as fast or faster than the torch kernel in `benchmarks/matching.py`."""
+    takes it: it beat the torch kernel in most CPU cases of `benchmarks/matching.py`."""
     return (
         adjust is None
         and rows.device.type == "cpu"
@@ -196,7 +197,7 @@ def nearest(
 def _faiss_search(rows, reference, k, metric):
     """FAISS's exact flat search at torch's thread count, always in BLAS blocks (4096 queries x 1024
     references, then a running top-k). FAISS's own default runs a per-query SIMD loop below 128,000
-    queries, which re-reads the whole bank for every query: 4-7x slower than BLAS blocks for 10^5-vector
+    queries, which re-reads the whole bank for every query: 3-11x slower than BLAS blocks for 10^5-vector
     banks (benchmarks/matching.py), never faster in our sizes."""
     saved_threads, saved_threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
     faiss.omp_set_num_threads(torch.get_num_threads())
