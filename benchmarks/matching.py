@@ -1,19 +1,27 @@
-"""Nearest-neighbour retrieval for reference banks: exact torch vs FAISS flat vs IVF vs HNSW.
+"""Nearest-neighbour retrieval for reference banks: exact torch (dense, blocked) vs FAISS flat / IVF / HNSW.
 
-For each bank size (default 10^3..10^6 vectors, dimension 768) it prints queries/s, the ratio to the
-torch brute force, recall@1 against the exact torch answer, index memory and build time. Data are
-synthetic "patch-like" vectors (a low-dimensional latent mixture lifted to 768-d plus noise); queries are
-fresh draws from the same distribution, like patches of other images of the category. A second
-table times the full Res2CLIP strategy (`sparse_radial_knn`, `radial_1nn`) on both execution paths
-for a realistic bank (k shots of a 37x37 grid, as ViT-L/14 at 518 px).
+Tables (`--tables`, default `exact strategy`):
+- exact: few-shot bank sizes (`--exact-sizes`, default 10^3..10^5) x dimensions (`--dims`, default 24,
+  112, 1024), top-1 and top-k (`--ks`): the dense torch path (full [block, N] score matrices of at most
+  64 MiB, then argmax / topk: what the engine and ResAD used before), the blocked exact search
+  (`residual_core.matching.knn.exact_search`), FAISS flat, IVF and HNSW (top-1; recall against the
+  exact answer, build time). Every method runs at `--threads` (default 1) torch and FAISS threads,
+  timings are interleaved rounds (best of `--repeats`), so the ratios are measured side by side.
+- strategy: the full Res2CLIP strategy (`sparse_radial_knn`, `radial_1nn`) on both execution paths
+  for a realistic bank (k shots of a 37x37 grid, as ViT-L/14 at 518 px).
+- retrieval: the earlier 768-d table up to 10^6 vectors (`--sizes`), torch dense vs FAISS.
+Data are synthetic "patch-like" vectors (a low-dimensional latent mixture lifted to D dimensions plus
+noise); queries are fresh draws from the same distribution, like patches of other images of the category.
 
     .venv/bin/python benchmarks/matching.py                 # the RESULTS.md run
-    .venv/bin/python benchmarks/matching.py --sizes 1000 10000 --queries 500
+    .venv/bin/python benchmarks/matching.py --exact-sizes 1000 --dims 24 --tables exact   # quick
+    .venv/bin/python benchmarks/matching.py --tables retrieval --sizes 1000 10000 --queries 500
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -25,7 +33,7 @@ import torch
 
 from residual_core import faiss_index
 from residual_core.faiss_index import IndexSpec
-from residual_core.matching import grid_positions, match, parse_strategy, prepare_reference
+from residual_core.matching import grid_positions, knn, match, parse_strategy, prepare_reference
 
 DIM = 768
 LATENT = 64
@@ -33,17 +41,18 @@ CLUSTERS = 256
 
 
 class PatchDistribution:
-    """Patch-like vectors: one of 256 cluster centres + a 64-d latent variation lifted to 768-d + noise."""
+    """Patch-like vectors: one of 256 cluster centres + a 64-d latent variation lifted to D + noise."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, dim: int = DIM):
         g = torch.Generator().manual_seed(seed)
-        self.lift = torch.randn(LATENT, DIM, generator=g) / math.sqrt(LATENT)
-        self.centres = torch.randn(CLUSTERS, DIM, generator=g)
+        self.dim, self.latent = dim, min(LATENT, dim)
+        self.lift = torch.randn(self.latent, dim, generator=g) / math.sqrt(self.latent)
+        self.centres = torch.randn(CLUSTERS, dim, generator=g)
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         label = torch.randint(CLUSTERS, (n,), generator=generator)
-        latent = torch.randn(n, LATENT, generator=generator) @ self.lift
-        x = self.centres[label] + latent + 0.3 * torch.randn(n, DIM, generator=generator)
+        latent = torch.randn(n, self.latent, generator=generator) @ self.lift
+        x = self.centres[label] + latent + 0.3 * torch.randn(n, self.dim, generator=generator)
         return faiss_index.normalise_rows(x)
 
 
@@ -64,6 +73,83 @@ def torch_top1(bank: torch.Tensor, queries: torch.Tensor, max_elements: int = 1 
     """Exact top-1 by batched matmul, query blocks sized so one [block, N] score matrix is <= 64 MiB."""
     batch = max(1, max_elements // bank.shape[0])
     return torch.cat([(queries[i : i + batch] @ bank.T).argmax(-1) for i in range(0, len(queries), batch)])
+
+
+def torch_dense_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, max_elements: int = 1 << 24):
+    """The dense path: [block, N] score matrices of at most `max_elements`, then argmax / topk."""
+    batch = max(1, max_elements // bank.shape[0])
+    if k == 1:
+        return torch_top1(bank, queries, max_elements)[:, None]
+    blocks = [(queries[i : i + batch] @ bank.T).topk(k, dim=1).indices for i in range(0, len(queries), batch)]
+    return torch.cat(blocks)
+
+
+def interleaved_best(functions: dict, repeats: int) -> dict:
+    """Best wall time of each function over `repeats` rounds, the functions taking turns in each round
+    (so a load change on a shared machine hits all of them alike)."""
+    best = dict.fromkeys(functions, float("inf"))
+    for _ in range(repeats):
+        for name, function in functions.items():
+            with Stopwatch() as watch:
+                function()
+            best[name] = min(best[name], watch.seconds)
+    return best
+
+
+def exact_table(sizes, dims, ks, work, max_queries, repeats, hnsw_max_size, ivf_max_size, seed):
+    """Top-1 / top-k at few-shot bank sizes: dense torch, blocked exact search, FAISS flat / IVF / HNSW."""
+    rows = []
+    for dim in dims:
+        distribution = PatchDistribution(seed, dim)
+        for size in sizes:
+            gc.collect()
+            bank = distribution.sample(size, torch.Generator().manual_seed(seed + 1))
+            count = int(min(max_queries, max(256, work // (size * dim))))
+            queries = distribution.sample(count, torch.Generator().manual_seed(seed + 2))
+            with Stopwatch() as building:
+                flat = faiss_index.build_index(bank, normalise=False)
+            flat_build = building.seconds
+            for k in ks:
+                exact = torch_dense_topk(bank, queries, k)
+                functions = {
+                    "torch dense": functools.partial(torch_dense_topk, bank, queries, k),
+                    "blocked torch": functools.partial(knn.exact_search, queries, bank, k, backend="torch"),
+                    "faiss knn": functools.partial(knn.exact_search, queries, bank, k, backend="faiss"),
+                    "faiss flat": functools.partial(faiss_index.search, flat, queries, k),
+                }
+                results = {name: run()[1] for name, run in functions.items() if name != "torch dense"}
+                builds = dict.fromkeys(functions, 0.0) | {"faiss flat": flat_build}
+                if k == 1:
+                    specs = [("ivf", ivf_spec(size))] if size <= ivf_max_size else []
+                    if size <= hnsw_max_size:
+                        specs.append(("hnsw", IndexSpec(kind="hnsw", ef_construction=80, ef_search=128)))
+                    for kind, spec in specs:
+                        with Stopwatch() as building:
+                            index = faiss_index.build_index(bank, spec, normalise=False)
+                        label = f"ivf{index.nlist} np{index.nprobe}" if kind == "ivf" else "hnsw M32 ef128"
+                        functions[label] = functools.partial(faiss_index.search, index, queries, 1)
+                        results[label] = faiss_index.search(index, queries, 1)[1]
+                        builds[label] = building.seconds
+                times = interleaved_best(functions, repeats)
+                for name, seconds in times.items():
+                    found = results.get(name, exact)
+                    if not name.startswith(("ivf", "hnsw")):
+                        # exact methods: the same neighbours (top-1 ids; top-k as sets, ties aside)
+                        same = found.sort(dim=1).values == exact.sort(dim=1).values
+                        recall = float(same.all(dim=1).float().mean())
+                    else:
+                        recall = float((found[:, 0] == exact[:, 0]).float().mean())
+                    rows.append(
+                        (dim, size, count, k, name, count / seconds, times["torch dense"] / seconds,
+                         times["faiss flat"] / seconds, recall, builds[name])
+                    )
+                print(
+                    f"[d={dim} N={size} k={k}] "
+                    + ", ".join(f"{name} {count / t:,.0f} q/s" for name, t in times.items()),
+                    flush=True,
+                )
+            del bank, flat
+    return rows
 
 
 class Stopwatch:
@@ -195,22 +281,35 @@ def strategy_table(shots_list, side, queries_images, seed):
     return rows
 
 
-def print_tables(retrieval, strategies, args):
+def print_tables(exact, retrieval, strategies, args):
     print()
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    load = os.getloadavg()
     print(
         f"threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}; "
-        f"cpu cores {os.cpu_count()}; peak RSS {peak_rss_gib:.1f} GiB; load average {os.getloadavg()[0]:.1f}"
+        f"cpu cores {os.cpu_count()}; peak RSS {peak_rss_gib:.1f} GiB; "
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    print(
-        "\n| method | bank size | queries | queries/s | ratio to torch | recall@1 | index memory | build s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, size, q, qps, ratio, recall, memory, build in retrieval:
+    if exact:
         print(
-            f"| {name} | {size:,} | {q} | {qps:,.{0 if qps >= 10 else 1}f} | {ratio:.2f}x | {recall:.3f} | "
-            f"{memory / 2**20:,.1f} MiB | {build:.1f} |"
+            "\n| dim | bank size | queries | k | method | queries/s | x torch dense | x faiss flat "
+            "| recall | build s |"
         )
+        print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+        for dim, size, q, k, name, qps, vs_dense, vs_flat, recall, build in exact:
+            print(
+                f"| {dim} | {size:,} | {q:,} | {k} | {name} | {qps:,.{0 if qps >= 10 else 1}f} | "
+                f"{vs_dense:.2f}x | {vs_flat:.2f}x | {recall:.3f} | {build:.1f} |"
+            )
+    if retrieval:
+        print("\n| method | bank size | queries | queries/s | ratio to torch | recall@1 | index memory "
+              "| build s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, size, q, qps, ratio, recall, memory, build in retrieval:
+            print(
+                f"| {name} | {size:,} | {q} | {qps:,.{0 if qps >= 10 else 1}f} | {ratio:.2f}x "
+                f"| {recall:.3f} | {memory / 2**20:,.1f} MiB | {build:.1f} |"
+            )
     if strategies:
         print(
             f"\nFull strategy ({args.side}x{args.side} grid, {args.strategy_images} query images, dim {DIM}):"
@@ -226,28 +325,61 @@ def print_tables(retrieval, strategies, args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", nargs="+", default=["exact", "strategy"],
+                        choices=["exact", "strategy", "retrieval"])
+    parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (0: leave as is)")
+    parser.add_argument("--exact-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--dims", type=int, nargs="+", default=[24, 112, 1024])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 64])
+    parser.add_argument("--work", type=float, default=2e9,
+                        help="exact table: queries = work / (N * D), within [256, --max-queries]")
+    parser.add_argument("--max-queries", type=int, default=50_176, help="16 images x 56 x 56 patches")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ivf-max-size", type=int, default=100_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
-    parser.add_argument("--queries", type=int, default=1000, help="queries for banks below 10^6")
-    parser.add_argument("--big-queries", type=int, default=300, help="queries for the 10^6 bank")
+    parser.add_argument("--queries", type=int, default=1000, help="retrieval: queries for banks below 10^6")
+    parser.add_argument("--big-queries", type=int, default=300, help="retrieval: queries for the 10^6 bank")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=80)
-    parser.add_argument("--hnsw-max-size", type=int, default=100_000, help="skip HNSW above (build time)")
+    parser.add_argument("--hnsw-max-size", type=int, default=10_000, help="skip HNSW above (build time)")
     parser.add_argument("--shots", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--side", type=int, default=37)
     parser.add_argument("--strategy-images", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    retrieval = retrieval_table(
-        args.sizes,
-        args.queries,
-        args.big_queries,
-        args.hnsw_m,
-        args.ef_construction,
-        args.seed,
-        args.hnsw_max_size,
-    )
-    strategies = strategy_table(args.shots, args.side, args.strategy_images, args.seed) if args.shots else []
-    print_tables(retrieval, strategies, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"load average at the start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    exact = []
+    if "exact" in args.tables:
+        exact = exact_table(
+            args.exact_sizes,
+            args.dims,
+            args.ks,
+            args.work,
+            args.max_queries,
+            args.repeats,
+            args.hnsw_max_size,
+            args.ivf_max_size,
+            args.seed,
+        )
+    retrieval = []
+    if "retrieval" in args.tables:
+        retrieval = retrieval_table(
+            args.sizes,
+            args.queries,
+            args.big_queries,
+            args.hnsw_m,
+            args.ef_construction,
+            args.seed,
+            args.hnsw_max_size,
+        )
+    strategies = []
+    if "strategy" in args.tables and args.shots:
+        strategies = strategy_table(args.shots, args.side, args.strategy_images, args.seed)
+    print_tables(exact, retrieval, strategies, args)
 
 
 if __name__ == "__main__":

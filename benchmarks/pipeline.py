@@ -5,11 +5,18 @@ Prints images/s of (a) `backbone.forward_features` alone on preprocessed tensors
 metric accumulation, shard commits) with 1 and with 2 actors, and the ratio (b)/(a).
 Reference banks are built before timing. Usage:
     .venv/bin/python benchmarks/pipeline.py --images 256 --batch-size 16 --image-size 224
+
+`--method-only` skips Ray and the pipeline: in-memory `method.score` vs the bare forward at 1 torch
+thread for k reference shots (`--shots 1 4`), the baseline also with the dense matching it used before
+the blocked exact search, and where each method's time goes (backbone, matching, VQ, EFDM, flows, ...):
+    .venv/bin/python benchmarks/pipeline.py --method-only --shots 1 4 --methods baseline resadpp
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -50,6 +57,13 @@ def _bare_forward(config, batch_size: int, device: str, repeats: int,
     step = backbone.forward_features
     if with_method:
         step = _method_step(config, backbone, device)
+    return _rate(step, images, batch_size, device, repeats, threads), len(images)
+
+
+def _rate(step, images, batch_size: int, device: str, repeats: int, threads: int | None = None) -> float:
+    """Images/s of `step(batch)` over `images` in batches (best of `repeats`, after one warm-up batch)."""
+    import torch
+
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -66,7 +80,7 @@ def _bare_forward(config, batch_size: int, device: str, repeats: int,
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
     torch.set_num_threads(saved_threads)
-    return len(images) / best, len(images)
+    return len(images) / best
 
 
 def _method_step(config, backbone, device: str):
@@ -81,6 +95,170 @@ def _method_step(config, backbone, device: str):
     bank = load_bank(os.path.dirname(header))
     method = create_method(config.method.name, backbone, **config.method.params).to(device).eval()
     return lambda batch: method.score(batch, bank)
+
+
+def _dense_nearest_residual_norm(query, reference, *, chunk: int = 4096, shape=None):
+    """The baseline's matching before the blocked exact search: [chunk, N] similarities, then argmax."""
+    import torch
+
+    out = torch.empty(query.shape[0], dtype=query.dtype, device=query.device)
+    for start in range(0, query.shape[0], chunk):
+        q = query[start:start + chunk]
+        out[start:start + chunk] = (q - reference[(q @ reference.T).argmax(dim=1)]).norm(dim=1)
+    return out
+
+
+def _dense_nearest(query, reference, *, block_bytes=None, **_):
+    """knn.nearest as the engine's dense path computed it: [rows, N] score blocks of 2^24, argmax."""
+    import torch
+
+    step = max(1, (1 << 24) // reference.shape[0])
+    rows = query.reshape(-1, query.shape[-1])
+    nearest = torch.cat([(rows[i:i + step] @ reference.T).argmax(dim=-1) for i in range(0, len(rows), step)])
+    values = (rows * reference[nearest]).sum(dim=-1)
+    return values.reshape(query.shape[:-1]), nearest.reshape(query.shape[:-1])
+
+
+class _ComponentTimer:
+    """Wall time per named component: wraps callables (module functions or instance attributes)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.seconds, self._undo = device, {}, []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        import torch
+
+        original = getattr(owner, name)
+        self.seconds.setdefault(label, 0.0)
+
+        def timed(*args, **kwargs):
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.seconds[label] += time.perf_counter() - start
+            return out
+
+        had_own = name in getattr(owner, "__dict__", {})
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original, had_own))
+
+    def restore(self) -> None:
+        for owner, name, original, had_own in reversed(self._undo):
+            if had_own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+
+def _components(method, name: str, device: str) -> _ComponentTimer:
+    """Wrap the parts of `method.score` worth naming (the rest is reported as 'other')."""
+    timer = _ComponentTimer(device)
+    timer.wrap(method.backbone, "forward_features", "backbone forward")
+    if name == "baseline":
+        from residual_core.methods import baseline
+
+        timer.wrap(baseline, "nearest_residual_norm", "matching (1-NN + residual norm)")
+    elif name == "resadpp":
+        from residual_core.methods.resadpp import method as resadpp_module
+
+        timer.wrap(resadpp_module, "residual_maps", "matching + residuals")
+        timer.wrap(method.vq, "quantize", "VQ (nearest code)")
+        timer.wrap(resadpp_module, "match_feature_distribution", "EFDM")
+        timer.wrap(method.constraintor, "forward", "constraintor")
+        timer.wrap(method, "_flow_logps", "flows")
+    return timer
+
+
+def _method_only(args, device: str) -> None:
+    """In-memory method.score vs bare forward (1 thread), per shot count; component times per batch."""
+    import torch
+
+    from residual_core.backbones import create_backbone
+    from residual_core.bank import build_bank
+    from residual_core.images import decode_image, image_to_tensor
+    from residual_core.matching import knn
+    from residual_core.methods import baseline, create_method
+    from tests.workflows.pipelines.tiny_data import tiny_rows
+
+    torch.manual_seed(0)
+    backbone = create_backbone(args.backbone, image_size=args.image_size, device=device).eval()
+    count = args.batch_size * args.method_batches
+    rows = [r for r in tiny_rows(n_train=max(args.shots), n_normal=count - count // 2,
+                                 n_anomalous=count // 2) if r["category"] == "brick"]
+
+    def tensors(split):
+        return torch.stack([image_to_tensor(decode_image(r["image"]), args.image_size, backbone.mean,
+                                            backbone.std) for r in rows if r["split"] == split]).to(device)
+
+    images, references = tensors("test"), tensors("train")
+    load = os.getloadavg()
+    print(f"device={device} backbone={args.backbone} images={len(images)} batch={args.batch_size} "
+          f"size={args.image_size}px torch threads=1 load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    bare = _rate(backbone.forward_features, images, args.batch_size, device, args.repeats, threads=1)
+    print(f"bare forward_features: {bare:.2f} images/s")
+    table, profiles = [], []
+    for shots in args.shots:
+        bank = build_bank(backbone, references[:shots], image_ids=[f"ref{i}" for i in range(shots)],
+                          dataset="tiny", category="brick", seed=0)
+        for name in args.methods:
+            method = create_method(name, backbone).to(device).eval()
+            torch_kernel = ("exact search, torch kernel", lambda: _patched(
+                knn, "nearest", functools.partial(knn.nearest, backend="torch")))
+            if name == "baseline":  # "auto": FAISS's flat search on CPU
+                variants = [("exact search (auto: FAISS on CPU)", contextlib.nullcontext), torch_kernel]
+            else:  # ResAD's matching asks for the torch kernel itself (first-index ties)
+                variants = [("exact search, torch kernel", contextlib.nullcontext)]
+            if name == "baseline":
+                variants.append(("dense (before)", lambda: _patched(baseline, "nearest_residual_norm",
+                                                                    _dense_nearest_residual_norm)))
+            else:  # ResAD's matching went through the engine's dense [rows, N] blocks of 2^24 scores
+                variants.append(("dense (before)", lambda: _patched(knn, "nearest", _dense_nearest)))
+            for variant, context in variants:
+                with context():
+                    rate = _rate(lambda batch, m=method, b=bank: m.score(batch, b), images, args.batch_size,
+                                 device, args.repeats, threads=1)
+                    timer = _components(method, name, device)
+                    saved = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        for i in range(0, len(images), args.batch_size):
+                            method.score(images[i:i + args.batch_size], bank)
+                    total = time.perf_counter() - start
+                    torch.set_num_threads(saved)
+                    timer.restore()
+                batches = -(-len(images) // args.batch_size)
+                table.append((name, shots, variant, rate, rate / bare))
+                profiles.append((name, shots, variant, total / batches,
+                                 {k: v / batches for k, v in timer.seconds.items()}))
+                print(f"[{name} k={shots} {variant}] {rate:.2f} images/s ({100 * rate / bare:.0f}% of bare)",
+                      flush=True)
+    load = os.getloadavg()
+    print(f"\nload average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print("\n| method | k | matching | method.score images/s | share of bare forward |")
+    print("|---|---:|---|---:|---:|")
+    print(f"| bare `forward_features` | | | {bare:.2f} | 100% |")
+    for name, shots, variant, rate, share in table:
+        print(f"| {name} | {shots} | {variant} | {rate:.2f} | {100 * share:.0f}% |")
+    print(f"\nSeconds per batch of {args.batch_size} (one timed pass; components as wrapped):")
+    for name, shots, variant, total, parts in profiles:
+        other = total - sum(parts.values())
+        shares = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in parts.items())
+        print(f"- {name} k={shots} {variant}: total {total:.3f} s: {shares}, other {other:.3f} s "
+              f"({100 * other / total:.0f}%)")
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def _pipeline(config, actors: int) -> float:
@@ -106,6 +284,13 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpus", type=int, default=None)
+    parser.add_argument("--method-only", action="store_true",
+                        help="in-memory method.score vs bare forward only (no Ray, no pipeline)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 4], help="--method-only: bank shots")
+    parser.add_argument("--methods", nargs="+", default=["baseline"], help="--method-only: methods")
+    parser.add_argument("--method-batches", type=int, default=1, help="--method-only: batches timed")
+    parser.add_argument("--repeats", type=int, default=3, help="--method-only: best of")
+    parser.add_argument("--backbone", default="effnet-lite0", help="--method-only: backbone spec")
     args = parser.parse_args()
 
     import torch
@@ -115,6 +300,9 @@ def main() -> None:
     from workflows.pipelines.ray_runtime import init_ray
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.method_only:
+        _method_only(args, device)
+        return
     root = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
         data = _data(root, args.images)

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from residual_core import faiss_index
+from residual_core.matching import knn
 from residual_core.matching.penalties import grid_positions, spatial_penalty
 from residual_core.matching.strategy import MatchStrategy
-from residual_core.matching.weighting import sparsemax, sparsemax_threshold, topk_softmax
+from residual_core.matching.weighting import sparsemax, sparsemax_threshold
 
 PATHS = ("torch", "faiss")
 DEFAULT_CANDIDATES = 64
@@ -216,6 +217,10 @@ class _Context:
 
     # ---- brute force ----
     def dense(self, rows, pooled_rows, positions, max_elements):
+        """Exact result for every row. 1-NN and top-K: blocked exact search (`knn.exact_search`) of the
+        penalised search scores; sparsemax (needs every score of a row): dense row blocks."""
+        if self.strategy.weighting != "sparsemax":
+            return self._searched(rows, pooled_rows, positions, max_elements)
         total = self.reference.features.shape[0]
         step = max(1, max_elements // total)
         outputs = [
@@ -228,24 +233,43 @@ class _Context:
         ]
         return _concat(outputs)
 
+    def _searched(self, rows, pooled_rows, positions, max_elements):
+        ref, strategy = self.reference, self.strategy
+        pooled = pooled_rows is not None
+        search_rows = torch.cat([pooled_rows, rows], dim=1) if pooled else rows
+        has_penalty = bool(strategy.penalty) and ref.positions is not None
+
+        def adjust(scores, block_rows, columns):
+            if pooled:  # [pooled, plain] . [pooled, plain] = 2 * search similarity
+                scores = scores.mul_(0.5)
+            if has_penalty:
+                penalty = self.penalty(positions[block_rows, None, :], ref.positions[None, columns])
+                scores = scores.sub_(penalty)
+            return scores
+
+        k = 1 if strategy.weighting == "nearest" else strategy.k_neighbors
+        _, columns = knn.exact_search(
+            search_rows,
+            ref.search_vectors(),
+            k,
+            adjust=adjust if pooled or has_penalty else None,
+            block_bytes=_block_bytes(max_elements, rows),
+        )
+        if strategy.weighting == "nearest":
+            return ref.features[columns[:, 0]], columns[:, 0]
+        similarity = torch.einsum("rd,rkd->rk", rows, ref.features[columns])  # true similarity, exact
+        weights = torch.softmax(similarity / strategy.temperature, dim=-1)
+        return _weighted_sum(weights, columns, ref.features, max_elements), None
+
     def _dense_block(self, rows, pooled_rows, positions):
+        """Sparsemax over all references for one block of rows (dense [rows, N] scores)."""
         ref = self.reference
-        similarity = rows @ ref.features.T
-        search = similarity if pooled_rows is None else (pooled_rows @ ref.pooled.T + similarity) / 2
+        search = rows @ ref.features.T
+        if pooled_rows is not None:
+            search = (pooled_rows @ ref.pooled.T + search) / 2
         penalty = None if ref.positions is None else self.penalty(positions[:, None, :], ref.positions[None])
         ranked = search if penalty is None else search - penalty
-        return self._aggregate(similarity, ranked)
-
-    def _aggregate(self, similarity, ranked):
-        """Weight all references for one block of rows (dense [rows, N] scores)."""
-        features, strategy = self.reference.features, self.strategy
-        if strategy.weighting == "sparsemax":
-            return sparsemax(ranked) @ features, None
-        if strategy.weighting == "softmax":
-            weights, columns = topk_softmax(ranked, similarity, strategy.k_neighbors, strategy.temperature)
-            return torch.einsum("rk,rkd->rd", weights, features[columns]), None
-        columns = ranked.argmax(dim=-1)
-        return features[columns], columns
+        return sparsemax(ranked) @ ref.features, None
 
     # ---- FAISS candidates ----
     def with_candidates(self, rows, pooled_rows, positions, index, candidates, max_elements):
@@ -253,9 +277,7 @@ class _Context:
         if strategy.penalty and strategy.spatial_penalty < 0:
             raise ValueError("the FAISS path needs a spatial_penalty >= 0 (its exactness bound assumes it)")
         search_rows = rows if pooled_rows is None else torch.cat([pooled_rows, rows], dim=1)
-        if index is None:
-            index = faiss_index.build_index(ref.search_vectors(), normalise=False)
-        if index.d != search_rows.shape[1]:
+        if index is not None and index.d != search_rows.shape[1]:
             raise ValueError(
                 f"FAISS index has dimension {index.d}, the strategy searches {search_rows.shape[1]}"
                 " (pooling needs an index over [pooled, features])"
@@ -268,7 +290,15 @@ class _Context:
         for attempt in range(2):
             if pending.numel() == 0:
                 break
-            scores, ids = faiss_index.search(index, search_rows[pending], count)
+            if index is None:  # exact candidates without an index: the blocked exact search
+                scores, ids = knn.exact_search(
+                    search_rows[pending],
+                    ref.search_vectors(),
+                    count,
+                    block_bytes=_block_bytes(max_elements, rows),
+                )
+            else:
+                scores, ids = faiss_index.search(index, search_rows[pending], count)
             if pooled_rows is not None:
                 scores = scores / 2  # [pooled, plain] . [pooled, plain] = 2 * search similarity
             certified = self._candidate_rows(
@@ -336,7 +366,7 @@ class _Context:
         return block_matched, block_nearest, decision >= lowest_retrieved + CERTIFY_MARGIN
 
     def _aggregate_candidates(self, rows, ranked, ids, valid, max_elements):
-        """Like `_aggregate` on candidate columns; gathers only the vectors with non-zero weight."""
+        """Weight candidate columns (1-NN, sparsemax, top-K softmax); gathers only non-zero-weight vectors."""
         features, strategy = self.reference.features, self.strategy
         if strategy.weighting == "nearest":
             columns = ranked.argmax(dim=-1, keepdim=True)
@@ -364,6 +394,11 @@ def _weighted_sum(weights, chosen, features, max_elements):
             for i in range(0, len(chosen), step)
         ]
     )
+
+
+def _block_bytes(max_elements, rows):
+    """The exact search's score-block budget: its cache-sized default, within `max_elements`."""
+    return min(knn.default_block_bytes(rows.device), max_elements * rows.element_size())
 
 
 def _concat(outputs):

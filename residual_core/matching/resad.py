@@ -1,7 +1,8 @@
 """ResAD's matching and residuals (the authors' `get_mc_matched_ref_features` / `get_residual_features`).
 
 Each query position takes the reference feature with the highest cosine similarity (argmax of
-normalised inner products) among all positions of all reference images of its class, per level.
+normalised inner products) among all positions of all reference images of its class, per level,
+found by the blocked exact search of `knn.py` (the [positions x references] matrix is never held).
 The *raw* (unnormalised) reference feature is returned; the residual is f - p, or (f - p)^2 element
 by element in the authors' "pos_flag" variant.
 """
@@ -12,6 +13,7 @@ import faiss
 import torch
 
 from residual_core import faiss_index
+from residual_core.matching import knn
 from residual_core.matching.engine import (
     DEFAULT_MAX_ELEMENTS,
     ReferenceSet,
@@ -30,14 +32,22 @@ def nearest_reference_indices(
     index: faiss.Index | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    """For raw features [B, L, C] and raw references [N, C]: [B, L] index of the cosine-nearest reference."""
+    """For raw features [B, L, C] and raw references [N, C]: [B, L] index of the cosine-nearest reference.
+
+    Argmax of the normalised inner products, as the authors compute it; "torch" runs the exact search of
+    `knn.py` on its torch kernel (exact ties to the lowest index, like `torch.argmax`: FAISS's kernel
+    would resolve them arbitrarily), "faiss" the candidate path.
+    """
     if features.ndim != 3:
         raise ValueError(f"features must be [B, L, C], got shape {tuple(features.shape)}")
-    references = ReferenceSet(faiss_index.normalise_rows(reference.float()))
+    normalised = faiss_index.normalise_rows(reference.float())
     query = faiss_index.normalise_rows(features.float())
+    if path == "torch":
+        budget = min(knn.default_block_bytes(query.device), max_elements * query.element_size())
+        return knn.nearest(query, normalised, block_bytes=budget, backend="torch")[1]
     result = match(
         query,
-        references,
+        ReferenceSet(normalised),
         _NEAREST,
         query_grid=(1, features.shape[1]),
         path=path,

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from residual_core.matching import knn
+from residual_core.matching.knn import BlockShape
 from residual_core.methods.base import AnomalyMethod, MethodError, ScoreOutput
 from residual_core.methods.registry import register_method
 from residual_core.preprocess import PREPROCESS_NAMES
@@ -22,18 +24,16 @@ from residual_core.preprocess import PREPROCESS_NAMES
 DEFAULT_PREPROCESS = "res2clip"
 
 
-def nearest_residual_norm(query: Tensor, reference: Tensor, *, chunk: int = 4096) -> Tensor:
+def nearest_residual_norm(query: Tensor, reference: Tensor, *, shape: BlockShape | None = None) -> Tensor:
     """For query rows [Q, D] and reference rows [N, D] (both normalised): ||q - nn(q)|| per row, [Q].
 
-    Exact brute force in chunks of query rows, so memory stays at chunk x N similarities."""
+    nn(q) is the reference with the largest inner product (ties: the lowest index), found by the
+    blocked exact search of `residual_core.matching.knn` (no [Q, N] matrix; `shape` overrides its
+    block shape)."""
     if reference.shape[0] == 0:
         raise MethodError("the reference bank has no features for this layer")
-    out = torch.empty(query.shape[0], dtype=query.dtype, device=query.device)
-    for start in range(0, query.shape[0], chunk):
-        q = query[start : start + chunk]
-        nearest = (q @ reference.T).argmax(dim=1)
-        out[start : start + chunk] = (q - reference[nearest]).norm(dim=1)
-    return out
+    _, nearest = knn.nearest(query, reference, shape=shape)
+    return (query - reference[nearest]).norm(dim=1)
 
 
 class NearestNeighbourBaseline(AnomalyMethod):

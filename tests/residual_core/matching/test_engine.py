@@ -96,6 +96,23 @@ def test_batch_size_and_block_size_do_not_change_results(path):
     assert torch.allclose(together.matched, tiny_blocks.matched, atol=1e-6)
 
 
+@pytest.mark.parametrize("text", ["1nn", "radial_1nn", "local_1nn", "2nn", "radial_3nn", "polar_knn"])
+@pytest.mark.parametrize("pooling", [False, True])
+@pytest.mark.parametrize("max_elements", [7, 100, 1000, 1 << 24])
+def test_blocked_search_equals_the_dense_ranking(text, pooling, max_elements):
+    """1-NN / top-K run the blocked exact search: same columns as the dense argmax / topk of the oracle's
+    penalised search matrix, whatever the block size (7 and 100 do not divide the 72 references)."""
+    queries, references, positions = make_data(seed=7)
+    strategy = parse_strategy(text, spatial_penalty=0.05, pooling=pooling)
+    reference = prepare_reference(references, positions, GRID, pooling=pooling)
+    result = match(queries, reference, strategy, max_elements=max_elements)
+    expected = oracle_match(queries, normalised(references), K_SHOT, strategy, pooling=pooling)
+    assert torch.allclose(result.matched.double(), expected, atol=1e-5)
+    if strategy.weighting == "nearest":
+        expected_columns = (expected @ normalised(references).double().T).argmax(-1)  # matched = r[argmax]
+        assert torch.equal(result.nearest, expected_columns)
+
+
 def test_identical_reference_gives_zero_anomaly():
     queries, _, _ = make_data(seed=5, batch=1)
     reference = prepare_reference(queries[0], grid_positions(GRID), GRID)

@@ -25,6 +25,21 @@ def test_nearest_indices_equal_brute_force_argmax_on_both_paths():
     assert torch.equal(nearest_reference_indices(features, reference, path="faiss", index=index), expected)
 
 
+def test_nearest_indices_keep_argmax_ties_and_equal_the_dense_path_at_stride_4_size():
+    """ResAD's matching stays the argmax of normalised inner products, first index on exact ties."""
+    g = torch.Generator().manual_seed(2)
+    reference = torch.randn(3136, 24, generator=g)  # one 56x56 shot, 24 channels
+    reference = torch.cat([reference, reference[:1000]])  # duplicates: exactly tied cosines
+    features = torch.randn(2, 3136, 24, generator=g)
+    features[0, :500] = reference[:500] * 0.5  # queries on tied references (x 0.5 is exact)
+    query, normalised = faiss_index.normalise_rows(features), faiss_index.normalise_rows(reference)
+    expected = torch.stack([(q @ normalised.T).argmax(-1) for q in query])
+    nearest = nearest_reference_indices(features, reference)
+    assert torch.equal(nearest, expected)
+    assert torch.equal(nearest[0, :500], torch.arange(500))  # the first of two equal directions
+    assert torch.equal(nearest_reference_indices(features, reference, max_elements=100_000), expected)
+
+
 def test_residuals_plain_and_squared():
     f, p = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 1.0]])
     assert torch.equal(residual(f, p), torch.tensor([[0.5, -3.0]]))

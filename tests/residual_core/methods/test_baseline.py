@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from residual_core.backbones import BackboneFeatures
+from residual_core.matching.knn import BlockShape
 from residual_core.methods import create_method
+from residual_core.methods.base import MethodError
 from residual_core.methods.baseline import nearest_residual_norm
 
 
@@ -32,10 +35,34 @@ class FakeBank:
         self.features = [t.reshape(-1, t.shape[-1]) for t in out.patch_tokens]
 
 
-def test_nearest_residual_norm_matches_brute_force():
+@pytest.mark.parametrize("shape", [BlockShape(7, 5, 2), BlockShape(1, 1, 1), BlockShape(64, 30, 64), None])
+def test_nearest_residual_norm_matches_brute_force(shape):
     query, reference = F.normalize(torch.randn(50, 8), dim=1), F.normalize(torch.randn(30, 8), dim=1)
     expected = (query[:, None] - reference[None]).norm(dim=2).min(dim=1).values
-    torch.testing.assert_close(nearest_residual_norm(query, reference, chunk=7), expected)
+    torch.testing.assert_close(nearest_residual_norm(query, reference, shape=shape), expected)
+
+
+def dense_residual_norm(query, reference, chunk=4096):
+    """The dense implementation the blocked search replaced."""
+    out = torch.empty(query.shape[0])
+    for start in range(0, query.shape[0], chunk):
+        q = query[start : start + chunk]
+        out[start : start + chunk] = (q - reference[(q @ reference.T).argmax(dim=1)]).norm(dim=1)
+    return out
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_nearest_residual_norm_equals_the_dense_path(normalize):
+    """Stride-4-like level (24 channels, a few thousand references), raw or normalised features."""
+    g = torch.Generator().manual_seed(1)
+    query, reference = torch.randn(3000, 24, generator=g), torch.randn(2500, 24, generator=g)
+    if normalize:
+        query, reference = F.normalize(query, dim=1), F.normalize(reference, dim=1)
+    expected = dense_residual_norm(query, reference)
+    for shape in (BlockShape(333, 1000, 64), BlockShape(100, 2500, 64), None):
+        torch.testing.assert_close(nearest_residual_norm(query, reference, shape=shape), expected)
+    with pytest.raises(MethodError, match="no features"):
+        nearest_residual_norm(query, reference[:0])
 
 
 def test_baseline_scores_zero_on_references_and_flags_the_defect():
