@@ -12,9 +12,9 @@
 - Anomaly map (`RescaleSegmentor`): patch scores on the grid, bilinear resize (align_corners=False) to
   the input size, then scipy's `gaussian_filter(sigma=4)` (mode "reflect", truncate 4).
 
-`nearest_neighbours` is an exact blocked search: the score block is at most `block_bytes`, so no
-[queries x memory] matrix is built for large banks. It mirrors `residual_core.matching.knn.exact_search(
-..., metric="l2")` (another branch); fold it into that kernel once it lands.
+`nearest_neighbours` ranks with the project's exact blocked k-NN (`residual_core.matching.knn`, metric
+"l2": no [queries x memory] matrix), then recomputes the chosen distances as sum((q - m)^2), so
+identical rows give exactly 0.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from residual_core.matching import knn
 from residual_core.methods.base import MethodError
 from residual_core.methods.resadpp.scoring import gaussian_blur
 
@@ -36,30 +37,23 @@ def nearest_neighbours(
     """The k nearest memory rows of each query row by Euclidean distance, exactly.
 
     query [Q, D], memory [M, D] -> (squared distances [Q, k'], indices [Q, k'] long), nearest first,
-    k' = min(k, M). Candidates come from |m|^2 - 2 q.m block by block (as FAISS ranks); the returned
-    distances are recomputed as sum((q - m)^2) for the chosen rows, so identical rows give exactly 0."""
+    k' = min(k, M). `block_bytes` bounds the search's score blocks (and the recomputation's chunks)."""
     if memory.ndim != 2 or query.ndim != 2 or query.shape[1] != memory.shape[1]:
         raise MethodError(f"patchcore: need query [Q, D] and memory [M, D], got {tuple(query.shape)} "
                           f"and {tuple(memory.shape)}")
     if memory.shape[0] == 0:
         raise MethodError("patchcore: the memory bank is empty")
     k = min(int(k), int(memory.shape[0]))
+    _, index = knn.exact_search(query, memory, k, metric="l2", block_bytes=block_bytes)
     budget = block_bytes or (CPU_BLOCK_BYTES if memory.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES)
-    per_row = 4 * max(int(memory.shape[0]), k * int(memory.shape[1]))
-    rows = max(1, budget // per_row)
-    memory_sq = (memory * memory).sum(dim=1)
+    rows = max(1, budget // (4 * k * int(memory.shape[1])))
     distances, indices = [], []
-    for start in range(0, query.shape[0], rows):
-        block = query[start:start + rows]
-        partial = torch.addmm(memory_sq.unsqueeze(0), block, memory.T, alpha=-2.0)  # |m|^2 - 2 q.m
-        if k == 1:
-            index = partial.argmin(dim=1, keepdim=True)
-        else:
-            index = partial.topk(k, dim=1, largest=False).indices
-        exact = (block.unsqueeze(1) - memory[index]).square().sum(dim=2)
+    for start in range(0, query.shape[0], rows):  # exact distances of the chosen rows, chunk by chunk
+        chosen = index[start:start + rows]
+        exact = (query[start:start + rows].unsqueeze(1) - memory[chosen]).square().sum(dim=2)
         exact, order = exact.sort(dim=1)
         distances.append(exact)
-        indices.append(index.gather(1, order))
+        indices.append(chosen.gather(1, order))
     return torch.cat(distances), torch.cat(indices)
 
 
