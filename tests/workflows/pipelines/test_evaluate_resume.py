@@ -7,22 +7,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from tests.workflows.pipelines.tiny_data import write_tiny  # noqa: E402
+from tests.workflows.pipelines.tiny_data import EVAL_BASE, write_tiny  # noqa: E402
 from workflows.cli import main  # noqa: E402
 from workflows.config import load_config  # noqa: E402
 from workflows.pipelines.commits import ShardStore  # noqa: E402
 from workflows.pipelines.evaluate import run_evaluate  # noqa: E402
 from workflows.pipelines.index import run_index  # noqa: E402
-
-BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
-        "data.datasets=[textures,labels]"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a stray cluster
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +21,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _config(tmp_path, data, name, *extra):
-    return load_config(None, [*BASE, f"data.url={data}", f"output={tmp_path / name}", *extra])
+    return load_config(None, [*EVAL_BASE, f"data.url={data}", f"output={tmp_path / name}", *extra])
 
 
 def _results(result):
@@ -39,7 +29,7 @@ def _results(result):
 
 
 def test_evaluate_command_records_skipped_and_metrics(local_ray, tiny_data, tmp_path, capsys):
-    args = [f"--set={item}" for item in [*BASE, f"data.url={tiny_data}", f"output={tmp_path / 'cli'}",
+    args = [f"--set={item}" for item in [*EVAL_BASE, f"data.url={tiny_data}", f"output={tmp_path / 'cli'}",
                                           "evaluate.shard_size=4", "evaluate.save_maps=all"]]
     assert main(["evaluate", *args]) == 0
     printed = capsys.readouterr().out

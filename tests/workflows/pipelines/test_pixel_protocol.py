@@ -16,7 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from tests.residual_core.metrics.references import exact_aupro, sklearn_metrics  # noqa: E402
-from tests.workflows.pipelines.tiny_data import TINY_LAYOUT, tiny_rows  # noqa: E402
+from tests.workflows.pipelines.tiny_data import EVAL_BASE, TINY_LAYOUT, tiny_rows  # noqa: E402
 from workflows import storage  # noqa: E402
 from workflows.config import load_config  # noqa: E402
 from workflows.datasets.reader import pixel_ground_truth, read_table  # noqa: E402
@@ -24,18 +24,9 @@ from workflows.datasets.writer import write_dataset  # noqa: E402
 from workflows.pipelines.commits import ShardStore  # noqa: E402
 from workflows.pipelines.evaluate import NO_PIXEL_TRUTH, run_evaluate  # noqa: E402
 
-BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
-        "data.datasets=[textures,labels]"]
 # a small untrained ResAD++ (the normalisation, not the training, is under test)
 RESADPP = ('method={"name": "resadpp", "params": {"num_embeddings": 16, "coupling_layers": 2, '
            '"pos_embed_dim": 16}}')
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a stray cluster
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def data_url(tmp_path_factory):
 
 
 def _config(tmp_path, data, name, *extra):
-    return load_config(None, [*BASE, f"data.url={data}", f"output={tmp_path / name}", *extra])
+    return load_config(None, [*EVAL_BASE, f"data.url={data}", f"output={tmp_path / name}", *extra])
 
 
 def _test_rows(data_url: str, dataset: str, category: str) -> dict[str, dict]:

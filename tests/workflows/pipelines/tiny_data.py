@@ -17,6 +17,9 @@ TINY_LAYOUT = {
     "labels": ("g-photo", {"camera": "camera"}, False),
 }
 SIZE = 48
+# overrides for evaluating the tiny dataset quickly (64 px, one k, one seed, no MLflow)
+EVAL_BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
+             "data.datasets=[textures,labels]"]
 
 
 def _png(array: np.ndarray) -> bytes:
