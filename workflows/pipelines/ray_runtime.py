@@ -18,6 +18,9 @@ def redaction_runtime_env() -> dict:
             "env_vars": {redaction.TRANSPORT_ENV: redaction.transport_value()}}
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet a local Ray starts
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS); start a local Ray otherwise. Reuses a running one."""
     if ray.is_initialized():
@@ -38,6 +41,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                           "will not redact their own output", stacklevel=2)
             ray.init(address=address, log_to_driver=True, ignore_reinit_error=True)
     else:
+        # Ray runs its workers at niceness 15 by default; here the workers are the work (decode, score),
+        # and any busy process at niceness 0 on the machine starved them (a suite under two CPU burners
+        # stalled). A local Ray's workers run at the driver's priority unless the user set it.
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         # address="local": start our own Ray, never silently join whatever `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=True, runtime_env=runtime_env)
