@@ -47,19 +47,25 @@ from residual_core.metrics.regions import anomalous_pixel_regions
 NARROW_STEP = 1e-7  # float32 spacing near 0.5 is 6e-8: consecutive levels stay distinct
 
 
+def defect_masks(rng: np.random.Generator, start: int, count: int, size: int) -> tuple:
+    """Labels (every second image anomalous) and masks of 1-3 random rectangles per anomalous image."""
+    masks = np.zeros((count, size, size), dtype=bool)
+    labels = (np.arange(start, start + count) % 2).astype(np.int64)
+    for i in np.flatnonzero(labels):
+        for _ in range(int(rng.integers(1, 4))):
+            h, w = rng.integers(2, size // 4, 2)
+            y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+            masks[i, y:y + h, x:x + w] = True
+    return labels, masks
+
+
 def synthetic_chunks(pixels: int, size: int, chunk_images: int, seed: int) -> Iterator[tuple]:
     """Yield (image scores, labels, maps float32 [B,S,S], masks bool [B,S,S]) chunks totalling ~pixels."""
     rng = np.random.default_rng(seed)
     images = max(2, round(pixels / (size * size)))
     for start in range(0, images, chunk_images):
         count = min(chunk_images, images - start)
-        masks = np.zeros((count, size, size), dtype=bool)
-        labels = (np.arange(start, start + count) % 2).astype(np.int64)
-        for i in np.flatnonzero(labels):
-            for _ in range(int(rng.integers(1, 4))):
-                h, w = rng.integers(2, size // 4, 2)
-                y, x = rng.integers(0, size - h), rng.integers(0, size - w)
-                masks[i, y:y + h, x:x + w] = True
+        labels, masks = defect_masks(rng, start, count, size)
         maps = rng.random((count, size, size), dtype=np.float32) * 0.7
         maps += masks * rng.random((count, size, size), dtype=np.float32) * 0.5
         scores = maps.reshape(count, -1).max(axis=1)
@@ -169,13 +175,7 @@ def narrow_chunks(pixels: int, size: int, chunk_images: int, levels: int, seed: 
     images = max(2, round(pixels / (size * size)))
     for start in range(0, images, chunk_images):
         count = min(chunk_images, images - start)
-        masks = np.zeros((count, size, size), dtype=bool)
-        labels = (np.arange(start, start + count) % 2).astype(np.int64)
-        for i in np.flatnonzero(labels):
-            for _ in range(int(rng.integers(1, 4))):
-                h, w = rng.integers(2, size // 4, 2)
-                y, x = rng.integers(0, size - h), rng.integers(0, size - w)
-                masks[i, y:y + h, x:x + w] = True
+        labels, masks = defect_masks(rng, start, count, size)
         position = rng.random((count, size, size), dtype=np.float32) * 0.75
         position += masks * np.float32(0.25)  # anomalous pixels: a quarter of the range higher
         level = np.minimum((position * levels).astype(np.int64), levels - 1)
