@@ -19,6 +19,10 @@ def redaction_runtime_env() -> dict:
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet a local Ray starts
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's authentication mode ("token" or "disabled")
+# Ray Data's own log lines kept on the terminal: warnings and errors; its INFO lines (execution plans,
+# "execution finished") still go to the session's ray-data.log
+RAY_DATA_CONSOLE_LEVEL = "WARNING"
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -45,10 +49,26 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # and any busy process at niceness 0 on the machine starved them (a suite under two CPU burners
         # stalled). A local Ray's workers run at the driver's priority unless the user set it.
         os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+        # Ray enables token authentication for a new local cluster by default and warns that it did so
+        # on every run; saying so explicitly keeps the protection and the terminal quiet
+        _explicit_token_auth()
         # address="local": start our own Ray, never silently join whatever `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=True, runtime_env=runtime_env)
     configure_data_context()
+
+
+def _explicit_token_auth() -> None:
+    """Token authentication for the local Ray we start, said explicitly: Ray enables it by default for a
+    new local cluster and then warns on every run that it did. Ray reads the mode from the environment
+    into its cached config at import, so the cache is refreshed the way Ray itself does when it turns
+    the default on (`ray._raylet.Config.initialize`)."""
+    if AUTH_MODE_ENV in os.environ:
+        return
+    os.environ[AUTH_MODE_ENV] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def configure_data_context() -> None:
@@ -60,6 +80,21 @@ def configure_data_context() -> None:
     context.enable_progress_bars = False
     if hasattr(context, "enable_operator_progress_bars"):
         context.enable_operator_progress_bars = False
+    _quiet_ray_data_console()
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's terminal output at `RAY_DATA_CONSOLE_LEVEL`; its log file keeps everything."""
+    import logging
+
+    from ray.util.debug import log_once
+
+    # we turned Ray Data's bars off on purpose (ours replace them): its once-per-process WARNING that
+    # they are off is not news to the user, so mark it as already said
+    log_once("ray_data_progress_manager_disabled")
+    for handler in logging.getLogger("ray.data").handlers:
+        if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(RAY_DATA_CONSOLE_LEVEL)
 
 
 def cluster_gpus() -> float:
