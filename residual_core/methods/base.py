@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+# `fit`'s progress callback: called after every optimisation step with the 1-based global step and that
+# step's loss terms (`loss_<term>`), plus `epoch` (0-based) and method-specific context (stage, lr)
 LogFn = Callable[[int, dict[str, float]], None]
 
 
@@ -140,6 +142,10 @@ class AnomalyMethod(nn.Module):
         if self.trainable:
             raise NotImplementedError
         # training-free methods have nothing to fit
+
+    def planned_steps(self, data: Sequence[CategoryTrainData]) -> int:
+        """How many optimisation steps `fit(data)` takes (progress bars and ETAs); 0 when nothing is fit."""
+        return 0
 
     def training_data_record(self, data: Sequence[CategoryTrainData]) -> dict[str, dict]:
         """Per category ("dataset/category"): which images `fit` uses, from which splits (for train logs)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from workflows import storage
@@ -168,8 +169,9 @@ def _read_normal_pool(data_url: str, dataset: str, category: str, image_ids: lis
     return ImagePool(stacked, tuple(info.mean), tuple(info.std), split="train"), skipped
 
 
-def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
-    """Ray task body: load data, fit, save and commit the checkpoint with its log."""
+def train_task(config_dict: dict, spec: TrainSpec, url: str, progress_queue=None, job: int = 0) -> dict:
+    """Ray task body: load data, fit (each step's losses streamed to `progress_queue` as job `job`), save
+    and commit the checkpoint with its log."""
     from workflows.config import config_from_dict
     from workflows.pipelines.artifacts import upload_dir
     from workflows.pipelines.models import create_backbone_from_config
@@ -190,14 +192,19 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
     drawn = method.training_data_record(data)
     for cat in data:
         contributions[cat.dataset].setdefault("training_data", {})[cat.category] = drawn[cat.name]
-    losses: list[tuple[int, dict[str, float]]] = []
     import torch
 
+    from workflows.pipelines.train_progress import ProgressSender
+
     torch.manual_seed(spec.seed)
+    sender = ProgressSender(progress_queue, job, method.planned_steps(data))
+    losses: list[tuple[int, dict[str, float]]] = []
+
     def log(step: int, values: dict) -> None:
-        losses.append((int(step), {k: float(v) for k, v in values.items()}))
+        losses.append(sender(step, values))
 
     method.fit(data, log)
+    sender.flush()
     record = {"losses": losses, "contributions": contributions, "reference_ids": references}
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         method.save_checkpoint(tmp)
@@ -206,11 +213,16 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str) -> dict:
     return record
 
 
-def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool = True) -> list[TrainResult]:
-    """Run (or reuse) every training job; jobs run in parallel as Ray tasks."""
+def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool = True,
+                  on_steps: Callable[[TrainSpec, list[tuple[int, dict]]], None] | None = None
+                  ) -> list[TrainResult]:
+    """Run (or reuse) every training job; jobs run in parallel as Ray tasks, each with a live progress
+    bar (steps, ETA, running losses); `on_steps(spec, steps)` gets each job's steps as they arrive."""
     import ray
+    from ray.util.queue import Queue
 
-    from workflows.pipelines.ray_runtime import gpus_per_worker, wait_all
+    from workflows.pipelines.ray_runtime import gpus_per_worker
+    from workflows.pipelines.train_progress import ProgressBoard, wait_with_progress
 
     info = probe_backbone(asdict(config.backbone))
     urls = [checkpoint_url(config, spec, info.identity_key) for spec in specs]
@@ -218,8 +230,17 @@ def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool =
     if todo:
         gpus = gpus_per_worker(config.train.num_gpus)
         remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(train_task)
-        refs = [remote.remote(config.to_dict(), spec, url) for spec, url in todo]
-        wait_all(refs, f"train: {len(refs)} job(s)", progress)
+        queue = Queue(actor_options={"num_cpus": 0})
+        labels = [f"train {spec.method.name} seed={spec.seed} on {'+'.join(spec.datasets)}"
+                  for spec, _ in todo]
+        forward = None if on_steps is None else (lambda job, steps: on_steps(todo[job][0], steps))
+        board = ProgressBoard(labels, progress=progress, on_steps=forward)
+        try:
+            refs = [remote.remote(config.to_dict(), spec, url, queue, job)
+                    for job, (spec, url) in enumerate(todo)]
+            wait_with_progress(refs, queue, board)
+        finally:
+            queue.shutdown()
     fresh = {url for _, url in todo}
     results = []
     for spec, url in zip(specs, urls, strict=True):

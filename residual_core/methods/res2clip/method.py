@@ -256,6 +256,14 @@ class Res2Clip(AnomalyMethod):
 
         train_adapters(self, data, log)
 
+    def planned_steps(self, data: Sequence[CategoryTrainData]) -> int:
+        if not self.trainable:
+            return 0
+        from residual_core.methods.res2clip.training import PairSampler
+
+        train = self.config.train
+        return len(PairSampler(data, train.batch_size, torch.Generator())) * train.epochs
+
     def _checkpoint_header(self) -> dict:
         header = {
             "config": self.config.to_dict(),

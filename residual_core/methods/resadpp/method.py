@@ -167,22 +167,26 @@ class ResADpp(AnomalyMethod):
                               "the training data has none")
         rng = np.random.default_rng(cfg.seed)
         shuffle = torch.Generator().manual_seed(cfg.seed)
+        step = 0
         for epoch in range(cfg.epochs):
             stage = 1 if epoch < cfg.first_stage_epochs else 2
             pool = stage1 if stage == 1 else stage2
             order = torch.randperm(len(pool), generator=shuffle).tolist()
-            epoch_losses = None
             for batch_items in _batches([pool[i] for i in order], cfg.batch_size):
-                step = trainer.step(TrainBatch(*self._residual_batch(data, batch_items, rng)), stage)
-                if epoch_losses is None:
-                    epoch_losses = step
-                else:
-                    epoch_losses.merge(step)
+                losses = trainer.step(TrainBatch(*self._residual_batch(data, batch_items, rng)), stage)
+                step += 1
+                if log is not None:  # each loss term of this step (mean over its position sub-batches)
+                    log(step, {**{f"loss_{k}": v for k, v in losses.means().items()},
+                               "epoch": float(epoch), "stage": float(stage)})
             trainer.end_epoch()
-            if log is not None:
-                metrics = epoch_losses.means() if epoch_losses else {}
-                log(epoch, {**{f"loss_{k}": v for k, v in metrics.items()}, "stage": float(stage)})
         self.calibrate_offsets(data, rng)
+
+    def planned_steps(self, data: Sequence[CategoryTrainData]) -> int:
+        """Steps of `fit`: per epoch, the batches of that epoch's stage pool (full batches, or one short)."""
+        cfg = self.config
+        stage1, stage2 = stage_items(data)
+        per_epoch = [_batch_count(len(stage1), cfg.batch_size), _batch_count(len(stage2), cfg.batch_size)]
+        return cfg.first_stage_epochs * per_epoch[0] + (cfg.epochs - cfg.first_stage_epochs) * per_epoch[1]
 
     def calibrate_offsets(self, data: Sequence[CategoryTrainData],
                           rng: np.random.Generator | None = None) -> Tensor:
@@ -275,6 +279,11 @@ def _probe_backbone(backbone) -> tuple[list[int], list[tuple[int, int]]]:
     with torch.no_grad():
         feats = backbone.forward_features(torch.zeros(1, 3, size, size, device=device))
     return [int(t.shape[-1]) for t in feats.patch_tokens], [tuple(int(v) for v in g) for g in feats.grids]
+
+
+def _batch_count(items: int, batch_size: int) -> int:
+    """How many batches `_batches` yields for `items` items."""
+    return items // batch_size or (1 if items else 0)
 
 
 def _batches(items: list, batch_size: int):

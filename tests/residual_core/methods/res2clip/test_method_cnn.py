@@ -37,7 +37,9 @@ def test_finetune_trains_visual_adapters_only(cnn_backbone):
     before = {k: v.clone() for k, v in method.adapters.state_dict().items()}
     logged = []
     # two steps: the first runs at warm-up lr 0 (the authors' LambdaLR starts at factor 0)
-    method.fit([synthetic_category("cnn", 64, count=4)], lambda step, metrics: logged.append(metrics))
+    data = [synthetic_category("cnn", 64, count=4)]
+    method.fit(data, lambda step, metrics: logged.append(metrics))
     assert logged and all(set(m) >= {"loss_visual", "loss_text"} for m in logged)
+    assert len(logged) == method.planned_steps(data) == 2  # the progress bar's total
     changed = [k for k, v in method.adapters.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(k.startswith("vis_adapters.") for k in changed)

@@ -49,7 +49,7 @@ def trained(cnn_backbone, tmp_path_factory):
     method = create_method("resadpp", cnn_backbone, epochs=2, first_stage_epochs=1, batch_size=4, lr=1e-3,
                            **TINY)
     logged = []
-    method.fit([train_category(IMAGE_SIZE)], lambda epoch, metrics: logged.append((epoch, metrics)))
+    method.fit([train_category(IMAGE_SIZE)], lambda step, metrics: logged.append((step, metrics)))
     directory = tmp_path_factory.mktemp("resadpp_ckpt")
     method.save_checkpoint(directory)
     return method, logged, directory
@@ -61,9 +61,11 @@ def test_registered():
 
 def test_fit_runs_both_stages(trained):
     method, logged, _ = trained
-    assert [epoch for epoch, _ in logged] == [0, 1]
-    assert logged[0][1]["stage"] == 1.0 and logged[1][1]["stage"] == 2.0
-    assert "loss_focal" in logged[1][1] and "loss_focal" not in logged[0][1]
+    # one log per optimisation step, each with that step's loss terms, its epoch and stage
+    assert [step for step, _ in logged] == list(range(1, len(logged) + 1))
+    first, last = logged[0][1], logged[-1][1]
+    assert (first["epoch"], first["stage"]) == (0.0, 1.0) and (last["epoch"], last["stage"]) == (1.0, 2.0)
+    assert "loss_focal" in last and "loss_focal" not in first
     assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for _, m in logged)
     assert method.boundaries.boundaries.abs().sum() > 0
 

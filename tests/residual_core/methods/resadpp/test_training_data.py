@@ -81,8 +81,15 @@ def test_stages_and_references_follow_the_authors(backbone, monkeypatch):
     spy = Spy(monkeypatch)
     method = create_method("resadpp", backbone, epochs=2, first_stage_epochs=1, batch_size=4, **TINY)
     data = [category(pool=6, seed=0)]
-    epochs_at = []
-    method.fit(data, lambda epoch, metrics: epochs_at.append(len(spy.batches)))
+    ends, steps = {}, []  # epoch -> batches drawn by its last step; the steps logged
+
+    def log(step, metrics):
+        steps.append(step)
+        ends[int(metrics["epoch"])] = len(spy.batches)
+
+    method.fit(data, log)
+    epochs_at = [ends[0], ends[1]]
+    assert steps == list(range(1, method.planned_steps(data) + 1)) == [1, 2, 3]  # one log per step
     stage1, stage2 = spy.batches[:epochs_at[0]], spy.batches[epochs_at[0]:epochs_at[1]]
     # stage 1: normal train images only (the pool), one full batch of 4 of the 6 (drop_last)
     assert [len(b) for b in stage1] == [4]
