@@ -17,7 +17,7 @@ import numpy as np
 
 from workflows.pipelines.scoring import ScoringActor, ScoringJob
 
-MODE_PER_BATCH = "per batch"  # the method's maps need no set statistics: exactly evaluate's
+MODE_PER_BATCH = "exactly as evaluate (the method needs no whole-set statistics)"
 MODE_SET_CONSTANTS = "set-normalised with the job's stored per-category constants"
 MODE_BATCH_INDEPENDENT = "batch-independent (method.score, as scan; no whole-set normalisation)"
 
