@@ -96,3 +96,31 @@ def test_folder_references_and_batch_independent_mode(tiny, tmp_path, capsys):
     assert len(rows) == len(list((tiny / "test").iterdir())) == len(printed) - 2
     assert all(row["anomalous"] == "" for row in rows)  # no threshold: no verdict
     assert all((out / row["overlay"]).is_file() for row in rows)
+
+
+def test_bad_k(tiny, capsys):
+    assert "bad k (--k=0)" in _error(capsys, [str(tiny / "test"), "--references", str(tiny / "train"),
+                                              "--k", "0"])
+
+
+def test_overlay_names_are_stems_made_unique():
+    from workflows.pipelines.predict import overlay_names
+
+    names = overlay_names(["a.png", "a.jpg", "sub dir/b.PNG"], ["11111111aa", "22222222bb", "33333333cc"])
+    assert names == ["a_11111111.png", "a_22222222.png", "sub_dir_b.png"]
+
+
+def test_overlay_draws_the_map_only_above_the_runs_median():
+    import numpy as np
+
+    from workflows.reports.gallery import GalleryTile, compose_tile
+    from workflows.reports.overlay import run_map_limits
+
+    image = np.full((32, 32, 3), 100, np.uint8)
+    amap = np.zeros((32, 32), np.float32)
+    amap[8:16, 8:16] = 1.0
+    limits = run_map_limits([amap, np.zeros_like(amap)])
+    assert limits[0] == 0.0 and limits[1] == 1.0
+    rgb = compose_tile(GalleryTile(image, amap + 0.0, None, ""), (0.5, 1.0), size=32, floor=0.5)
+    np.testing.assert_allclose(rgb[0, 0], 100 / 255)  # below the floor: the photo untouched
+    assert not np.allclose(rgb[12, 12], 100 / 255)  # the hot square coloured

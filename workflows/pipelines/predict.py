@@ -207,6 +207,13 @@ def overlay_stem(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem.replace("/", "_")) or "image"
 
 
+def overlay_names(keys: list[str], image_ids: list[str]) -> list[str]:
+    """`<stem>.png` per image; stems that two images share (`a.png`, `a.jpg`) get the image id's start."""
+    stems = [overlay_stem(key) for key in keys]
+    return [f"{stem}_{image_id[:8]}.png" if stems.count(stem) > 1 else f"{stem}.png"
+            for stem, image_id in zip(stems, image_ids, strict=True)]
+
+
 def write_outputs(options: PredictOptions, images: list[LoadedImage], scores: LocalScores,
                   preprocess: str) -> list[Prediction]:
     """`<output>/<stem>.png` overlays (one colour scale for the run) and `<output>/scores.csv`."""
@@ -217,12 +224,12 @@ def write_outputs(options: PredictOptions, images: list[LoadedImage], scores: Lo
     size = scores.maps.shape[-1]
     limits = run_map_limits(list(scores.maps))
     predictions = []
+    names = overlay_names([item.key for item in images], [item.image_id for item in images])
     with tempfile.TemporaryDirectory(prefix="residual-ad-predict-") as tmp:
-        for item, score, amap in zip(images, scores.scores, scores.maps, strict=True):
+        for item, name, score, amap in zip(images, names, scores.scores, scores.maps, strict=True):
             anomalous = None if options.threshold is None else bool(score >= options.threshold)
             verdict = "" if anomalous is None else (
                 f" · {'anomalous' if anomalous else 'normal'} (threshold {options.threshold:g})")
-            name = f"{overlay_stem(item.key)}.png"
             title = f"{item.key[-48:]}\nscore {float(score):.4g}{verdict}"
             local = write_overlay(preset.display(item.image, size), amap, limits, title,
                                   os.path.join(tmp, name))
@@ -244,6 +251,8 @@ def run_predict(config: RunConfig, options: PredictOptions) -> PredictResult:
     """Read, check, score, write; see the module doc."""
     from workflows.validate import check_method
 
+    if options.k is not None and options.k < 1:
+        raise ConfigError(f"bad k (--k={options.k}): must be >= 1; give a positive number")
     check_method(config.method, "method")
     images = read_images(options.inputs, "images", options)
     if _is_dataset(options.references):
@@ -251,8 +260,6 @@ def run_predict(config: RunConfig, options: PredictOptions) -> PredictResult:
         reference_images = dataset_reference_images(options.references, dataset, category, ids)
         described = f"{k} normal train image(s) of {dataset}/{category} (seed {seed})"
     else:
-        if options.k is not None and options.k < 1:
-            raise ConfigError(f"bad k (--k={options.k}): must be >= 1; give a positive number")
         seed = config.index.seeds[0]
         chosen = folder_references(read_images(options.references, "references", options), options, seed)
         dataset, category = FOLDER_DATASET, options.category or FOLDER_DATASET
