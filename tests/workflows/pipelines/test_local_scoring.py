@@ -171,3 +171,17 @@ def test_predict_gives_evaluates_scores(baseline_job, tmp_path, capsys):
         assert float(line.split("\t")[1]) == pytest.approx(float(row["score"]), rel=1e-5)
     assert "1 normal train image(s) of textures/brick" in printed[0]
     assert len(list(io.StringIO("\n".join(printed)))) == len(rows) + 2
+
+
+def test_gallery_of_a_job_without_stored_maps_recomputes_every_map(baseline_job, tmp_path):
+    """`evaluate.save_maps=none` (the default): every tile's map is recomputed."""
+    import shutil
+
+    _, job_url = baseline_job
+    copy = str(tmp_path / "job")
+    shutil.copytree(job_url, copy)
+    shutil.rmtree(os.path.join(copy, "maps"))
+    written = write_evaluation_reports(copy, str(tmp_path / "reports"), per_group=PER_GROUP)
+    for report in written:
+        shown = {i for ids in report.gallery_images.values() for i in ids}
+        assert shown and report.map_sources == dict.fromkeys(shown, RECOMPUTED), report.name
