@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "lodo": "lodo",
     "scan": "scan",
+    "predict": "predict",
     "log-results": "log_results",
 }
 

@@ -176,7 +176,9 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
     per_dataset = dataset_means(per_category)
     payload = {"per_category": per_category, "per_dataset": per_dataset, "counts": counts,
                "reference_ids": refs, "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"],
-               "preprocess": job.preprocess}
+               "preprocess": job.preprocess,
+               # how the job scored (model, banks, preset): galleries recompute the maps they show
+               "scoring_job": asdict(job)}
     storage.atomic_write_json(metrics_url, payload)
     save_config(config, storage.join(job.job_url, "config.yaml"))
     storage.mark_success(job.job_url, {"metrics": "metrics.json"})

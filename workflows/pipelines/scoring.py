@@ -155,7 +155,10 @@ class ScoringActor:
         name = f"{shard.dataset}/{shard.category}"
         if name not in job.banks:
             raise KeyError(f"job {job.job_id}: no reference bank for {name}")
-        url = job.banks[name]
+        return self.bank_at(job.banks[name], device)
+
+    def bank_at(self, url: str, device: str):
+        """The committed bank at `url` on `device` (cached)."""
         if url in self._banks:
             self._banks.move_to_end(url)
             return self._banks[url]
@@ -167,12 +170,16 @@ class ScoringActor:
         """The one batch loop of evaluate and scan: `(start, stop, output)` per batch of `batch_size`
         prepared images [N, 3, S, S], scored by the job's cached method against the shard's cached bank;
         `output` is a ScoreOutput, or with `raw` the method's `score_raw` arrays."""
-        import torch
-
         if len(images) == 0:
             return
+        yield from self.batches_against(job, self._bank(job, shard, self._device(job)), images, raw=raw)
+
+    def batches_against(self, job: ScoringJob, bank, images: np.ndarray, *, raw: bool = False) -> Iterator:
+        """`scored_batches` against a given (already loaded or just built) bank: the same loop, for
+        local scoring on the driver (`local_scoring`) as well as the actors."""
+        import torch
+
         method = self._method(job)
-        bank = self._bank(job, shard, self._device(job))
         score = method.score_raw if raw else method.score
         for start in range(0, len(images), self.batch_size):
             stop = min(start + self.batch_size, len(images))

@@ -19,6 +19,7 @@ from workflows.pipelines.shards import Shard
 from workflows.reports import job_outputs
 from workflows.reports.curves import write_category_curves
 from workflows.reports.gallery import GalleryTile, plot_gallery
+from workflows.reports.job_maps import RECOMPUTED, STORED, ShownMaps, gallery_maps
 from workflows.reports.selection import (
     GROUPS,
     LOW_ANOMALIES,
@@ -28,10 +29,8 @@ from workflows.reports.selection import (
     candidates_from_table,
 )
 
-NO_MAPS_NOTE = ("No anomaly maps were stored for this run (evaluate.save_maps=none): images only, chosen "
-                "by image score. Set evaluate.save_maps=sample to see the maps.")
-
-
+NO_MAPS_NOTE = ("No anomaly maps for these images: neither stored (evaluate.save_maps) nor recomputable "
+                "({why}). Images only, chosen by image score.")
 @dataclass
 class CategoryReport:
     """Files written for one "dataset/category" and, per figure left out, the reason."""
@@ -41,6 +40,7 @@ class CategoryReport:
     files: dict[str, str] = field(default_factory=dict)  # artifact path -> local file
     missing: dict[str, str] = field(default_factory=dict)  # figure -> reason
     gallery_images: dict[str, list[str]] = field(default_factory=dict)  # group -> image ids
+    map_sources: dict[str, str] = field(default_factory=dict)  # shown image id -> "stored" | "recomputed"
 
 
 def artifact_stems(names: list[str]) -> dict[str, str]:
@@ -55,18 +55,15 @@ def artifact_stems(names: list[str]) -> dict[str, str]:
 
 
 def select_gallery(job_url: str, shards: list[Shard], per_group: int) -> tuple[dict[str, list[Candidate]],
-                                                                               bool, int]:
-    """Stream the category's results shard by shard; returns (groups, maps stored?, images considered).
+                                                                               int]:
+    """Stream the category's per-image results shard by shard; returns (groups, images considered).
 
-    When any map is stored for the category, only images with a stored map are candidates."""
-    map_ids = {shard.shard_id: job_outputs.stored_map_ids(job_url, shard.shard_id) for shard in shards}
-    with_maps = any(map_ids.values())
+    Every scored image of the job is a candidate, whether or not its map was stored: the extremes are
+    the run's true extremes (their maps are recomputed when not stored, see `job_maps`)."""
     selector = GallerySelector(per_group=per_group)
     for shard in shards:
-        table = job_outputs.read_results(job_url, shard)
-        selector.add(candidates_from_table(table, shard.shard_id,
-                                           map_ids[shard.shard_id] if with_maps else None))
-    return selector.select(), with_maps, selector.seen
+        selector.add(candidates_from_table(job_outputs.read_results(job_url, shard), shard.shard_id))
+    return selector.select(), selector.seen
 
 
 def _caption(candidate: Candidate) -> str:
@@ -76,20 +73,19 @@ def _caption(candidate: Candidate) -> str:
 
 
 def gallery_tiles(job_url: str, shards: list[Shard], groups: dict[str, list[Candidate]],
-                  with_maps: bool) -> dict[str, list[GalleryTile]]:
-    """Load the chosen images' maps and originals (one shard at a time) and make the tiles; originals
-    are shown as the job's preprocessing preset showed them to the model."""
+                  scorers: dict | None = None) -> tuple[dict[str, list[GalleryTile]], ShownMaps]:
+    """The chosen images' maps (stored, else recomputed) and originals (one shard at a time) as tiles;
+    originals are shown as the job's preprocessing preset showed them to the model."""
     by_id = {s.shard_id: s for s in shards}
     preprocess = job_outputs.job_preprocess(job_url)
     chosen: dict[str, list[str]] = {}
     for members in groups.values():
         for candidate in members:
             chosen.setdefault(candidate.shard_id, []).append(candidate.image_id)
-    maps, originals = {}, {}
+    shown = gallery_maps(job_url, by_id, chosen, scorers)
+    size = next(iter(shown.maps.values())).shape if shown.maps else None
+    originals = {}
     for shard_id, ids in sorted(chosen.items()):
-        shard_maps = job_outputs.load_maps(job_url, shard_id, ids) if with_maps else {}
-        maps.update(shard_maps)
-        size = next(iter(shard_maps.values())).shape if shard_maps else None
         try:
             originals.update(job_outputs.load_originals(by_id[shard_id], ids, size, preprocess))
         except Exception as exc:  # noqa: BLE001 - the dataset may have moved; maps alone still help
@@ -100,12 +96,29 @@ def gallery_tiles(job_url: str, shards: list[Shard], groups: dict[str, list[Cand
         tiles[group] = []
         for candidate in members:
             image, mask = originals.get(candidate.image_id, (None, None))
-            tiles[group].append(GalleryTile(image, maps.get(candidate.image_id), mask, _caption(candidate)))
-    return tiles
+            tiles[group].append(GalleryTile(image, shown.maps.get(candidate.image_id), mask,
+                                            _caption(candidate)))
+    return tiles, shown
+
+
+def _map_notes(shown: ShownMaps, tiles: dict[str, list[GalleryTile]]) -> list[str]:
+    """What the notes say about where the maps came from, and why some tiles have none."""
+    sources = list(shown.sources.values())
+    notes = []
+    if sources:
+        notes.append(f"Maps: {sources.count(STORED)} stored by the run, {sources.count(RECOMPUTED)} "
+                     "recomputed for this gallery (same model, references and normalisation).")
+    without = sum(t.anomaly_map is None for members in tiles.values() for t in members)
+    if without and not sources:
+        notes.append(NO_MAPS_NOTE.format(why="; ".join(shown.problems) or "no scoring setup recorded"))
+    elif without:
+        notes.append(f"{without} tile(s) without a map: {'; '.join(shown.problems) or 'not found'}.")
+    return notes
 
 
 def write_category_reports(job_url: str, name: str, shards: list[Shard], out_dir: str, stem: str,
-                           title: str = "", per_group: int = 4) -> CategoryReport:
+                           title: str = "", per_group: int = 4,
+                           scorers: dict | None = None) -> CategoryReport:
     """Curves and gallery of one category into ``out_dir/curves`` and ``out_dir/gallery``."""
     report = CategoryReport(name, stem)
     heading = f"{name} · {title}" if title else name
@@ -115,17 +128,16 @@ def write_category_reports(job_url: str, name: str, shards: list[Shard], out_dir
         if path:
             report.files[f"curves/{os.path.basename(path)}"] = path
     report.missing.update(curve_files.missing)
-    groups, with_maps, seen = select_gallery(job_url, shards, per_group)
+    groups, seen = select_gallery(job_url, shards, per_group)
     report.gallery_images = {group: [c.image_id for c in members] for group, members in groups.items()}
-    tiles = gallery_tiles(job_url, shards, groups, with_maps)
-    pool = f"among the {seen} images with a stored map" if with_maps else f"among {seen} images"
-    notes = [f"Chosen {pool}; typical = closest to the class's median score."]
-    if not with_maps:
-        notes.append(NO_MAPS_NOTE)
+    tiles, shown = gallery_tiles(job_url, shards, groups, scorers)
+    report.map_sources = dict(shown.sources)
+    notes = [f"Chosen among all {seen} scored images of the run; typical = closest to the class's median "
+             "score.", *_map_notes(shown, tiles)]
     anomalous_tiles = [t for group in (LOW_ANOMALIES, TYPICAL_ANOMALIES) for t in tiles[group]]
     if anomalous_tiles and not any(t.mask is not None for t in anomalous_tiles):
         notes.append("No defect outlines: these images have no ground-truth masks.")
-    kind = "Anomaly maps" if with_maps else "Images by score"
+    kind = "Anomaly maps" if shown.maps else "Images by score"
     path = plot_gallery([(group, tiles[group]) for group in GROUPS], f"{kind} — {heading}",
                         os.path.join(out_dir, "gallery", f"{stem}.png"), notes)
     report.files[f"gallery/{stem}.png"] = path
@@ -137,7 +149,8 @@ def write_evaluation_reports(job_url: str, out_dir: str, *, per_group: int = 4) 
     grouped = job_outputs.shards_by_category(job_url)
     stems = artifact_stems(list(grouped))
     title = job_outputs.job_title(job_url)
-    return [write_category_reports(job_url, name, shards, out_dir, stems[name], title, per_group)
+    scorers: dict = {}  # one model load for every category's recomputed maps
+    return [write_category_reports(job_url, name, shards, out_dir, stems[name], title, per_group, scorers)
             for name, shards in grouped.items()]
 
 

@@ -48,14 +48,19 @@ def shared_map_range(tiles: list[GalleryTile]) -> tuple[float, float] | None:
     return float(low), float(high)
 
 
-def overlay_rgba(anomaly_map: np.ndarray, limits: tuple[float, float], opaque: bool = False) -> np.ndarray:
-    """The map coloured on the shared scale, more opaque where the score is higher ([H, W, 4] floats)."""
+def overlay_rgba(anomaly_map: np.ndarray, limits: tuple[float, float], opaque: bool = False,
+                 floor: float | None = None) -> np.ndarray:
+    """The map coloured on the shared scale, more opaque where the score is higher ([H, W, 4] floats);
+    with a `floor`, fully transparent where the map is below it (only the suspicious part shows)."""
     from matplotlib import colormaps
 
     low, high = limits
-    level = np.clip((np.nan_to_num(anomaly_map, nan=low) - low) / (high - low), 0.0, 1.0)
+    values = np.nan_to_num(anomaly_map, nan=low)
+    level = np.clip((values - low) / (high - low), 0.0, 1.0)
     rgba = colormaps[CMAP](level)
     rgba[..., 3] = 1.0 if opaque else MAP_ALPHA[0] + (MAP_ALPHA[1] - MAP_ALPHA[0]) * level
+    if floor is not None and not opaque:
+        rgba[..., 3] = np.where(values < floor, 0.0, rgba[..., 3])
     return rgba
 
 
@@ -85,13 +90,15 @@ def _resize(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), mode))
 
 
-def compose_tile(tile: GalleryTile, limits: tuple[float, float] | None, size: int = TILE_PX) -> np.ndarray:
-    """One tile as RGB floats [size, size, 3]: image, map blended on top, defect outline in white."""
+def compose_tile(tile: GalleryTile, limits: tuple[float, float] | None, size: int = TILE_PX,
+                 floor: float | None = None) -> np.ndarray:
+    """One tile as RGB floats [size, size, 3]: image, map blended on top (only above `floor` when one is
+    given), defect outline in white."""
     rgb = np.full((size, size, 3), 0.85)
     if tile.image is not None:
         rgb = _resize(tile.image, size).astype(np.float64) / 255.0
     if tile.anomaly_map is not None and limits is not None:
-        rgba = overlay_rgba(_resize(tile.anomaly_map, size), limits, opaque=tile.image is None)
+        rgba = overlay_rgba(_resize(tile.anomaly_map, size), limits, opaque=tile.image is None, floor=floor)
         alpha = rgba[..., 3:]
         rgb = rgb * (1.0 - alpha) + rgba[..., :3] * alpha
     if tile.mask is not None and tile.mask.any():

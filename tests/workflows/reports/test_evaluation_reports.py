@@ -54,13 +54,18 @@ def test_gallery_shows_highest_normals_and_lowest_anomalies(full_job):
     assert picked[TYPICAL_NORMALS] == [0, 1] and picked[TYPICAL_ANOMALIES] == [10]
 
 
-def test_gallery_uses_only_images_with_stored_maps(tmp_path):
+def test_gallery_picks_the_true_extremes_even_without_their_stored_maps(tmp_path):
+    """Maps stored for a sample only and no recorded scoring setup (a job of an older version): the
+    gallery still shows the run's true extremes, with the stored maps where there are some."""
     build_job(str(tmp_path / "data"), str(tmp_path / "job"), maps_only_for={0, 2, 4, 6, 8, 10})
     reports = {r.name: r for r in write_evaluation_reports(str(tmp_path / "job"), str(tmp_path / "out"),
                                                            per_group=2)}
-    picked = _gallery_indices(reports["textures/brick"], _sources(str(tmp_path / "data")))
-    assert picked[HIGH_NORMALS] == [4, 2] and picked[LOW_ANOMALIES] == [6, 8]
-    assert picked[TYPICAL_NORMALS] == [0] and picked[TYPICAL_ANOMALIES] == [10]
+    sources = _sources(str(tmp_path / "data"))
+    report = reports["textures/brick"]
+    picked = _gallery_indices(report, sources)
+    assert picked[HIGH_NORMALS] == [5, 4] and picked[LOW_ANOMALIES] == [6, 7]
+    shown = {i for ids in report.gallery_images.values() for i in ids}
+    assert report.map_sources == {i: "stored" for i in shown if sources[i] in {0, 2, 4, 6, 8, 10}}
 
 
 def test_reports_read_a_job_on_s3(s3_server):
@@ -73,7 +78,7 @@ def test_reports_read_a_job_on_s3(s3_server):
         assert sorted(reports["textures/brick"].files) == ["curves/brick_pro.png", "curves/brick_roc.png",
                                                            "gallery/brick.png"]
         picked = _gallery_indices(reports["textures/brick"], _sources(f"{base}/data"))
-        assert picked[HIGH_NORMALS] == [5, 1] and picked[LOW_ANOMALIES] == [7, 9]
+        assert picked[HIGH_NORMALS] == [5, 4, 3, 2] and picked[LOW_ANOMALIES] == [6, 7, 8, 9]
 
 
 def test_stems_are_categories_unless_two_datasets_share_one():
