@@ -48,14 +48,20 @@ def shared_map_range(tiles: list[GalleryTile]) -> tuple[float, float] | None:
     return float(low), float(high)
 
 
-def overlay_rgba(anomaly_map: np.ndarray, limits: tuple[float, float], opaque: bool = False) -> np.ndarray:
-    """The map coloured on the shared scale, more opaque where the score is higher ([H, W, 4] floats)."""
+def overlay_rgba(anomaly_map: np.ndarray, limits: tuple[float, float], opaque: bool = False,
+                 hide_below: bool = False) -> np.ndarray:
+    """The map coloured on the shared scale, more opaque where the score is higher ([H, W, 4] floats).
+    ``hide_below``: values at or under the low limit are not drawn at all (scan's overlays: only the
+    part of the map above the category's normal range covers the photo)."""
     from matplotlib import colormaps
 
     low, high = limits
-    level = np.clip((np.nan_to_num(anomaly_map, nan=low) - low) / (high - low), 0.0, 1.0)
+    values = np.nan_to_num(anomaly_map, nan=low)
+    level = np.clip((values - low) / (high - low), 0.0, 1.0)
     rgba = colormaps[CMAP](level)
     rgba[..., 3] = 1.0 if opaque else MAP_ALPHA[0] + (MAP_ALPHA[1] - MAP_ALPHA[0]) * level
+    if hide_below and not opaque:
+        rgba[..., 3] = np.where(values > low, rgba[..., 3], 0.0)
     return rgba
 
 
@@ -85,13 +91,16 @@ def _resize(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), mode))
 
 
-def compose_tile(tile: GalleryTile, limits: tuple[float, float] | None, size: int = TILE_PX) -> np.ndarray:
-    """One tile as RGB floats [size, size, 3]: image, map blended on top, defect outline in white."""
+def compose_tile(tile: GalleryTile, limits: tuple[float, float] | None, size: int = TILE_PX,
+                 hide_below: bool = False) -> np.ndarray:
+    """One tile as RGB floats [size, size, 3]: image, map blended on top, defect outline in white
+    (``hide_below``: see `overlay_rgba`)."""
     rgb = np.full((size, size, 3), 0.85)
     if tile.image is not None:
         rgb = _resize(tile.image, size).astype(np.float64) / 255.0
     if tile.anomaly_map is not None and limits is not None:
-        rgba = overlay_rgba(_resize(tile.anomaly_map, size), limits, opaque=tile.image is None)
+        rgba = overlay_rgba(_resize(tile.anomaly_map, size), limits, opaque=tile.image is None,
+                            hide_below=hide_below)
         alpha = rgba[..., 3:]
         rgb = rgb * (1.0 - alpha) + rgba[..., :3] * alpha
     if tile.mask is not None and tile.mask.any():
