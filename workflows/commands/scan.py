@@ -106,7 +106,7 @@ def run(args) -> int:
         return 2
     from workflows.pipelines.scan_thresholds import check_threshold_options
 
-    check_threshold_options(options)  # a bad thresholds file fails here, in a second, before Ray starts
+    check_threshold_options(options, config)  # a bad thresholds file fails here, before Ray starts
     init_ray(config.ray_address)
     summary = run_scan(config, options, progress=not args.quiet)
     from workflows.tracking import Tracker

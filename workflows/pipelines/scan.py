@@ -286,7 +286,7 @@ def calibrate_thresholds(config: RunConfig, options: ScanOptions, banks: dict[st
     url = storage.join(options.output, "calibration.json")
     if storage.exists(url):
         return Calibration.from_dict(storage.read_json(url))
-    given = check_threshold_options(options)
+    given = check_threshold_options(options, config)
     categories = sorted(banks)
     left = [c for c in categories if c not in given.covered()]
     calibrating = options.threshold is None and bool(options.normals) and bool(left)

@@ -77,6 +77,17 @@ def _number(value) -> float | None:
 
 def read_earlier_run(url: str) -> dict[str, CategoryThreshold]:
     """The thresholds an earlier scan used, by category (those it had none for are left out)."""
+    return usable_thresholds(read_earlier_calibration(url))
+
+
+def usable_thresholds(calibration: Calibration) -> dict[str, CategoryThreshold]:
+    return {name: entry for name, entry in calibration.categories.items()
+            if isinstance(entry.threshold, int | float) and math.isfinite(entry.threshold)}
+
+
+def read_earlier_calibration(url: str) -> Calibration:
+    """An earlier scan's calibration: `calibration.json` or `summary.json` under its output URL, or the
+    file itself; ConfigError when there is none."""
     where = _where("--thresholds-from", url)
     candidates = [url] if url.endswith(".json") else [storage.join(url, name) for name in RUN_FILES]
     for candidate in candidates:
@@ -93,8 +104,7 @@ def read_earlier_run(url: str) -> dict[str, CategoryThreshold]:
         except Exception:  # noqa: BLE001 - not a calibration
             raise ConfigError(f"not a scan calibration ({storage.redact(candidate)}): no per-category "
                               "thresholds in it; give the output URL of an earlier scan") from None
-        return {name: entry for name, entry in calibration.categories.items()
-                if isinstance(entry.threshold, int | float) and math.isfinite(entry.threshold)}
+        return calibration
     raise ConfigError(f"no earlier scan ({where}): neither {' nor '.join(RUN_FILES)} is there; give the "
                       "output URL of an earlier scan")
 
@@ -130,12 +140,35 @@ class GivenThresholds:
         return set(self.file) | set(self.run)
 
 
-def check_threshold_options(options) -> GivenThresholds:
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_same_model(calibration: Calibration, config, url: str) -> None:
+    """Scores of another method or backbone are on another scale: their thresholds mean nothing here."""
+    from dataclasses import asdict
+
+    for part in ("method", "backbone"):
+        ours = json.loads(_canonical(asdict(getattr(config, part))))
+        if _canonical(getattr(calibration, part)) != _canonical(ours):
+            raise ConfigError(f"thresholds of another {part} ({_where('--thresholds-from', url)}): that scan "
+                              f"used {part} {_canonical(getattr(calibration, part))[:200]}, this one "
+                              f"{_canonical(ours)[:200]}; scan with the same {part} or calibrate anew "
+                              "(--normals)")
+
+
+def check_threshold_options(options, config=None) -> GivenThresholds:
     """Read `options.thresholds_file` / `options.thresholds_from` (a `ScanOptions`) and check the file's
-    categories against the input's; ConfigError on the first problem."""
+    categories against the input's and (given the RunConfig) that the earlier scan used the same method
+    and backbone; ConfigError on the first problem."""
+    run = {}
+    if options.thresholds_from:
+        earlier = read_earlier_calibration(options.thresholds_from)
+        if config is not None:
+            check_same_model(earlier, config, options.thresholds_from)
+        run = usable_thresholds(earlier)
     given = GivenThresholds(
-        read_thresholds_file(options.thresholds_file) if options.thresholds_file else {},
-        read_earlier_run(options.thresholds_from) if options.thresholds_from else {})
+        read_thresholds_file(options.thresholds_file) if options.thresholds_file else {}, run)
     if given.file:
         known = input_categories(options.input, category=options.category, split=options.split)
         unknown = sorted(set(given.file) - known)

@@ -177,3 +177,20 @@ def test_scan_cli_fails_fast_on_a_bad_thresholds_file(tmp_path, capfd):
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
     ray = pytest.importorskip("ray")
     assert not ray.is_initialized()
+
+
+def test_thresholds_of_another_model_are_refused(tmp_path):
+    from dataclasses import asdict
+
+    from workflows.config import load_config
+
+    config = load_config(None, ["backbone.image_size=64"])
+    base = Calibration(0.01, None, "n/", json.loads(json.dumps(asdict(config.method))),
+                       json.loads(json.dumps(asdict(config.backbone))))
+    calibration = calibrate({"brick": np.arange(10.0)}, ["brick"], target_fpr=0.01, base=base)
+    storage.atomic_write_json(str(tmp_path / "earlier" / "calibration.json"), calibration.to_dict())
+    options = _options(tmp_path, thresholds_from=str(tmp_path / "earlier"))
+    assert check_threshold_options(options, config).run["brick"].threshold == 9.0
+    other = load_config(None, ["backbone.image_size=96"])
+    with pytest.raises(ConfigError, match=r"thresholds of another backbone \(--thresholds-from .*calibrate"):
+        check_threshold_options(options, other)
