@@ -341,7 +341,6 @@ def run_scan(config: RunConfig, options: ScanOptions, *, progress: bool = True) 
     if missing:
         raise RuntimeError(f"scan: {len(missing)} shard(s) did not commit (e.g. {sorted(missing)[0]}); rerun")
     totals = summarize(markers)
-
     planned = sum(s.size for s in shards)
     summary = {
         **totals, "planned_images": planned, "reconciles": totals["reconciles"] and totals["seen"] == planned,
@@ -349,7 +348,8 @@ def run_scan(config: RunConfig, options: ScanOptions, *, progress: bool = True) 
         "throughput_images_per_s": stats["images_this_run"] / stats["seconds"] if stats["seconds"] else None,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "calibration": calibration.to_dict(), "thresholds": describe_origins(calibration),
-        "overlay_scales": {c: s["limits"] for c, s in scales.items()}, "reference_ids": reference_ids,
+        "overlay_scales": {c: s["limits"] for c, s in scales.items()},
+        "overlays": sum(int(m.get("overlays", 0)) for m in markers), "reference_ids": reference_ids,
         "categories_without_references": sorted(categories - set(banks)),
         "options": {**asdict(options), "input": storage.redact(options.input)},
     }

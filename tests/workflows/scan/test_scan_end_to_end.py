@@ -10,7 +10,7 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from tests.workflows.scan.archive import upload, write_archive, write_normals  # noqa: E402
+from tests.workflows.scan.archive import overlay_files, upload, write_archive, write_normals  # noqa: E402
 from workflows import storage  # noqa: E402
 from workflows.config import load_config  # noqa: E402
 from workflows.pipelines.calibration import threshold_at_fpr  # noqa: E402
@@ -79,20 +79,14 @@ def test_scan_flags_pasted_defects_and_locates_them(local_scan):
     assert Image.open(io.BytesIO(maps[0]["heatmap_png"])).size == (64, 64)
     assert storage.exists(storage.join(store.url, "results", "category=brick"))
     # one overlay PNG file per flagged image, named in the maps table, at the overlay size
-    assert _overlay_files(store) == {m["overlay"] for m in maps}
-    assert len(maps) == summary["flagged"] == sum(m["overlays"] for m in store.markers())
+    assert overlay_files(store) == {m["overlay"] for m in maps}
+    assert len(maps) == summary["flagged"] == summary["overlays"]
+    assert summary["overlays"] == sum(m["overlays"] for m in store.markers())
     for m in maps[:20]:
         assert m["overlay"].startswith(f"maps/category={m['category']}/")
         image = Image.open(io.BytesIO(storage.read_bytes(storage.join(store.url, m["overlay"]))))
         assert image.format == "PNG" and image.size == overlay_size(64, 2)
     assert set(summary["overlay_scales"]) == {"brick", "grass"}
-
-
-def _overlay_files(store: ScanStore) -> set[str]:
-    """Overlay files under maps/, as paths relative to the scan output."""
-    root = storage.join(store.url, "maps")
-    return {"maps/" + url[len(root):].lstrip("/") for url in storage.list_urls(root, recursive=True)
-            if url.endswith(".png")}
 
 
 def test_bad_inputs_are_skipped_with_reasons_and_counts_reconcile(local_scan):
@@ -201,7 +195,7 @@ def test_per_category_thresholds_from_a_file_and_an_earlier_scan_and_overlays_su
     assert all(r["flag"] == (r["score"] > grass) for r in rows if r["category"] == "grass")
     assert summary["per_category"]["grass"]["flagged"] >= 2  # the pasted defects
     overlays = {m["overlay"]: m["source"] for m in store.read_table("maps").to_pylist()}
-    assert _overlay_files(store) == set(overlays)
+    assert overlay_files(store) == set(overlays)
     assert sorted(overlays.values()) == sorted(r["source"] for r in rows if r["flag"])
 
     # a crash after the shard's overlays but before its marker; one overlay was not written either
@@ -213,5 +207,5 @@ def test_per_category_thresholds_from_a_file_and_an_earlier_scan_and_overlays_su
     storage.remove(storage.join(store.url, "_SUCCESS"))
     again = run_scan(load_config(None, CONFIG), options, progress=False)
     assert again["this_run"]["shards_scored"] == 1 and again["flagged"] == summary["flagged"]
-    assert _overlay_files(store) == set(overlays)  # restored, nothing duplicated
+    assert overlay_files(store) == set(overlays)  # restored, nothing duplicated
     assert {m["overlay"] for m in store.read_table("maps").to_pylist()} == set(overlays)
