@@ -351,7 +351,9 @@ def run_scan(config: RunConfig, options: ScanOptions, *, progress: bool = True) 
         "overlay_scales": {c: s["limits"] for c, s in scales.items()},
         "overlays": sum(int(m.get("overlays", 0)) for m in markers), "reference_ids": reference_ids,
         "categories_without_references": sorted(categories - set(banks)),
-        "options": {**asdict(options), "input": storage.redact(options.input)},
+        "options": {**asdict(options), "input": storage.redact(options.input),
+                    **{key: storage.redact(value) for key in ("thresholds_file", "thresholds_from")
+                       if (value := getattr(options, key))}},
     }
     storage.atomic_write_json(summary_url, summary)
     save_config(config, storage.join(options.output, "config.yaml"))
