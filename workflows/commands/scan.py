@@ -29,6 +29,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--normals", help="held-out normal images (<category>/<images>) for calibration")
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     parser.add_argument("--threshold", type=float, help="fixed score threshold for every category")
+    parser.add_argument("--thresholds", metavar="FILE",
+                        help="per-category thresholds: JSON or YAML {category: threshold} (local or s3://); "
+                             "categories it lacks fall back to --thresholds-from, the calibration on "
+                             "--normals or --threshold")
+    parser.add_argument("--thresholds-from", metavar="URL",
+                        help="use the per-category thresholds of an earlier scan (its output URL, or its "
+                             "summary.json / calibration.json) for the categories --thresholds lacks")
     parser.add_argument("--category", help="every input image belongs to this category")
     parser.add_argument("--split", default="unlabeled", help="Parquet input: split to scan")
     parser.add_argument("--shard-size", type=int, default=64, help="images per resumable shard (default 64)")
@@ -46,7 +53,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--decode-memory", type=byte_size,
                         help="Ray memory reserved per decode task (default: estimated from the limits; 0: "
                              "none)")
-    parser.add_argument("--no-maps", action="store_true", help="do not store heat maps of flagged images")
+    parser.add_argument("--no-maps", action="store_true",
+                        help="do not store heat maps and overlay PNGs of flagged images")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     add_config_arguments(parser)
     parser.set_defaults(run=run)
@@ -61,6 +69,8 @@ def _options(args):
         input=absolute(args.input), output=absolute(args.output), references=absolute(args.references),
         normals=absolute(args.normals) if args.normals else None,
         target_fpr=args.fpr, threshold=args.threshold, category=args.category, split=args.split,
+        thresholds_file=absolute(args.thresholds) if args.thresholds else None,
+        thresholds_from=absolute(args.thresholds_from) if args.thresholds_from else None,
         shard_size=args.shard_size, k_shot=args.k_shot, max_pixels=args.max_pixels or SCAN_MAX_PIXELS,
         save_maps=not args.no_maps, max_bytes=args.max_bytes or DEFAULT_MAX_BYTES,
         read_timeout_s=args.read_timeout or DEFAULT_READ_TIMEOUT_S, jpeg_draft=args.jpeg_draft,
@@ -94,6 +104,9 @@ def run(args) -> int:
     except ValueError as exc:
         print(exc)
         return 2
+    from workflows.pipelines.scan_thresholds import check_threshold_options
+
+    check_threshold_options(options, config)  # a bad thresholds file fails here, before Ray starts
     init_ray(config.ray_address)
     summary = run_scan(config, options, progress=not args.quiet)
     from workflows.tracking import Tracker
@@ -104,6 +117,9 @@ def run(args) -> int:
     print(f"scanned {summary['seen']} images: {summary['scored']} scored, {summary['skipped']} skipped, "
           f"{summary['flagged']} flagged ({summary['flagged_fraction']:.1%})"
           + (f", {rate:.1f} images/s" if rate else "") + f" -> {storage.redact(options.output)}")
+    thresholds = summary.get("thresholds", {})
     for category, counts in summary["per_category"].items():
-        print(f"  {category}: {counts}")
+        used = thresholds.get(category)
+        print(f"  {category}: {counts}"
+              + (f"; threshold {used['threshold']} from {used['origin']}" if used else ""))
     return 0

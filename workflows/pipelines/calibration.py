@@ -1,4 +1,5 @@
-"""Per-category flag thresholds: at a target false-positive rate on held-out normals, or a fixed score.
+"""Per-category flag thresholds: at a target false-positive rate on held-out normals, a fixed score, or
+given per category (a file, or an earlier scan's calibration: `scan_thresholds`).
 
 An image is flagged when its score is strictly above its category's threshold. At a target FPR `f`
 over `n` normal scores, the threshold is the (floor(f * n) + 1)-th largest score, so at most
@@ -19,9 +20,10 @@ DEFAULT_TARGET_FPR = 0.01
 class CategoryThreshold:
     category: str
     threshold: float | None  # None: no calibration data for this category (scored, never flagged)
-    source: str  # "fpr" | "fixed" | "none"
+    source: str  # "fpr" | "fixed" | "file" (--thresholds) | "run" (--thresholds-from) | "none"
     normals: int = 0  # calibration images scored
     empirical_fpr: float | None = None  # fraction of calibration normals above the threshold
+    normal_median: float | None = None  # median score of the calibration normals (overlay colour scale)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Calibration:
     method: dict
     backbone: dict
     categories: dict[str, CategoryThreshold] = field(default_factory=dict)
+    thresholds_file: str | None = None  # --thresholds: entries with source "file" come from it
+    thresholds_from: str | None = None  # --thresholds-from: entries with source "run" come from it
 
     def thresholds(self) -> dict[str, float | None]:
         return {name: entry.threshold for name, entry in self.categories.items()}
@@ -47,7 +51,7 @@ class Calibration:
     def from_dict(cls, data: dict) -> Calibration:
         entries = {name: CategoryThreshold(**entry) for name, entry in data.get("categories", {}).items()}
         return cls(data["target_fpr"], data["fixed_threshold"], data["normals_url"], data["method"],
-                   data["backbone"], entries)
+                   data["backbone"], entries, data.get("thresholds_file"), data.get("thresholds_from"))
 
 
 def threshold_at_fpr(scores, target_fpr: float) -> float:
@@ -71,7 +75,8 @@ def calibrate(category_scores: dict[str, np.ndarray], categories: list[str], *, 
             continue
         threshold = threshold_at_fpr(scores, target_fpr)
         base.categories[name] = CategoryThreshold(
-            name, threshold, "fpr", int(scores.size), float((scores > threshold).mean()))
+            name, threshold, "fpr", int(scores.size), float((scores > threshold).mean()),
+            float(np.median(scores)))
     return base
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import posixpath
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
 
 from workflows import storage
 from workflows.config import ConfigError, RunConfig
@@ -218,25 +218,22 @@ def write_outputs(options: PredictOptions, images: list[LoadedImage], scores: Lo
                   preprocess: str) -> list[Prediction]:
     """`<output>/<stem>.png` overlays (one colour scale for the run) and `<output>/scores.csv`."""
     from residual_core.preprocess import get_preprocess
-    from workflows.reports.overlay import run_map_limits, write_overlay
+    from workflows.reports.overlay import overlay_png, run_map_limits
 
     preset = get_preprocess(preprocess)
     size = scores.maps.shape[-1]
     limits = run_map_limits(list(scores.maps))
     predictions = []
     names = overlay_names([item.key for item in images], [item.image_id for item in images])
-    with tempfile.TemporaryDirectory(prefix="residual-ad-predict-") as tmp:
-        for item, name, score, amap in zip(images, names, scores.scores, scores.maps, strict=True):
-            anomalous = None if options.threshold is None else bool(score >= options.threshold)
-            verdict = "" if anomalous is None else (
-                f" · {'anomalous' if anomalous else 'normal'} (threshold {options.threshold:g})")
-            title = f"{item.key[-48:]}\nscore {float(score):.4g}{verdict}"
-            local = write_overlay(preset.display(item.image, size), amap, limits, title,
-                                  os.path.join(tmp, name))
-            url = storage.join(options.output, name)
-            with open(local, "rb") as handle:
-                storage.atomic_write_bytes(url, handle.read())
-            predictions.append(Prediction(item.key, item.image_id, float(score), anomalous, url))
+    for item, name, score, amap in zip(images, names, scores.scores, scores.maps, strict=True):
+        anomalous = None if options.threshold is None else bool(score >= options.threshold)
+        verdict = "" if anomalous is None else (
+            f" · {'anomalous' if anomalous else 'normal'} (threshold {options.threshold:g})")
+        caption = [f"score {float(score):.4g}{verdict}", item.key]
+        png = overlay_png(preset.display(item.image, size), np.asarray(amap), limits, caption)
+        url = storage.join(options.output, name)
+        storage.atomic_write_bytes(url, png)
+        predictions.append(Prediction(item.key, item.image_id, float(score), anomalous, url))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "image_id", "score", "anomalous", "overlay"])

@@ -20,7 +20,13 @@ from tqdm import tqdm
 
 from workflows import storage
 from workflows.config import RunConfig, save_config
-from workflows.pipelines.calibration import DEFAULT_TARGET_FPR, Calibration, calibrate, fixed
+from workflows.pipelines.calibration import (
+    DEFAULT_TARGET_FPR,
+    Calibration,
+    CategoryThreshold,
+    calibrate,
+    fixed,
+)
 from workflows.pipelines.raw_images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_READ_TIMEOUT_S,
@@ -31,6 +37,7 @@ from workflows.pipelines.raw_images import (
 )
 from workflows.pipelines.regions import DEFAULT_REGION_LEVEL
 from workflows.pipelines.scan_outputs import ScanStore, summarize
+from workflows.pipelines.scan_thresholds import describe_origins
 from workflows.pipelines.scoring import ScoringJob
 
 REFERENCE_DATASET = "references"
@@ -55,6 +62,8 @@ class ScanOptions:
     normals: str | None = None  # held-out normal images, <category>/<images>, for calibration
     target_fpr: float = DEFAULT_TARGET_FPR
     threshold: float | None = None  # fixed score threshold for every category (no calibration)
+    thresholds_file: str | None = None  # JSON/YAML {category: threshold}; overrides the rest per category
+    thresholds_from: str | None = None  # an earlier scan's output (its calibration), below the file
     category: str | None = None  # raw input: every image belongs to this category
     split: str = "unlabeled"  # Parquet input: the split to scan (labels are ignored)
     shard_size: int = 64
@@ -69,8 +78,9 @@ class ScanOptions:
     decode_memory: int | None = None  # Ray `memory` per decode task: None = estimate, 0 = no reservation
 
     def check(self) -> None:
-        if self.threshold is None and not self.normals:
-            raise ValueError("scan: give held-out normals to calibrate (--normals) or a fixed --threshold")
+        if self.threshold is None and not (self.normals or self.thresholds_file or self.thresholds_from):
+            raise ValueError("scan: give held-out normals to calibrate (--normals), a fixed --threshold, "
+                             "per-category --thresholds FILE or --thresholds-from an earlier scan")
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"scan: target FPR must be in [0, 1), got {self.target_fpr}")
         if self.shard_size < 1:
@@ -232,8 +242,20 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
     return stats
 
 
+def overlay_scales(calibration: Calibration) -> dict[str, dict]:
+    """Per category what its overlays show: threshold, its source and the colour scale (summary.json)."""
+    from workflows.reports.overlay import overlay_limits
+
+    out = {}
+    for name, entry in sorted(calibration.categories.items()):
+        limits = overlay_limits(entry.threshold, entry.normal_median)
+        out[name] = {"threshold": entry.threshold, "source": entry.source,
+                     "limits": list(limits) if limits else None}
+    return out
+
+
 def make_job(config: RunConfig, job_url: str, banks: dict[str, str], thresholds: dict, options: ScanOptions,
-             run_id: str, save_maps: bool) -> ScoringJob:
+             run_id: str, save_maps: bool, overlays: dict | None = None) -> ScoringJob:
     from workflows.pipelines.models import method_preprocess, probe_backbone
 
     info = probe_backbone(asdict(config.backbone))
@@ -244,7 +266,7 @@ def make_job(config: RunConfig, job_url: str, banks: dict[str, str], thresholds:
         extra={"thresholds": thresholds, "max_pixels": options.max_pixels, "save_maps": save_maps,
                "region_level": options.region_level, "run_id": run_id, "max_bytes": options.max_bytes,
                "read_timeout_s": options.read_timeout_s, "jpeg_draft": options.jpeg_draft,
-               "decode_memory": decode_task_memory(options)},
+               "decode_memory": decode_task_memory(options), "overlays": overlays or {}},
     )
 
 
@@ -256,16 +278,27 @@ def _bank_keys(shards: list[ScanShard], category_banks: dict[str, str]) -> dict[
 
 def calibrate_thresholds(config: RunConfig, options: ScanOptions, banks: dict[str, str], run_id: str,
                          progress: bool) -> Calibration:
-    """Stored calibration if any (a resumed scan flags exactly as before); else compute and store it."""
+    """Stored calibration if any (a resumed scan flags exactly as before); else compute and store it:
+    the given thresholds (`scan_thresholds`) where they cover a category, the calibration on the
+    normals (only if some category is left) or `--threshold` for the rest."""
+    from workflows.pipelines.scan_thresholds import apply_given, check_threshold_options
+
     url = storage.join(options.output, "calibration.json")
     if storage.exists(url):
         return Calibration.from_dict(storage.read_json(url))
-    base = Calibration(None if options.threshold is not None else options.target_fpr, options.threshold,
-                       None if options.threshold is not None else storage.redact(options.normals),
-                       asdict(config.method), asdict(config.backbone))
+    given = check_threshold_options(options, config)
     categories = sorted(banks)
+    left = [c for c in categories if c not in given.covered()]
+    calibrating = options.threshold is None and bool(options.normals) and bool(left)
+    base = Calibration(options.target_fpr if calibrating else None, options.threshold,
+                       storage.redact(options.normals) if calibrating else None,
+                       asdict(config.method), asdict(config.backbone))
     if options.threshold is not None:
         calibration = fixed(categories, options.threshold, base)
+    elif not calibrating:
+        calibration = base
+        for name in categories:
+            calibration.categories[name] = CategoryThreshold(name, None, "none")
     else:
         import numpy as np
 
@@ -280,6 +313,8 @@ def calibrate_thresholds(config: RunConfig, options: ScanOptions, banks: dict[st
             table = store.read_table("results", category, columns=["score"])
             scores[category] = np.asarray(table.column("score")) if table.num_rows else np.zeros(0)
         calibration = calibrate(scores, categories, target_fpr=options.target_fpr, base=base)
+    calibration = apply_given(calibration, given, categories, thresholds_file=options.thresholds_file,
+                              thresholds_from=options.thresholds_from)
     storage.atomic_write_json(url, calibration.to_dict())
     return calibration
 
@@ -296,8 +331,9 @@ def run_scan(config: RunConfig, options: ScanOptions, *, progress: bool = True) 
     categories = {s.category for s in shards}
     banks, reference_ids = ensure_reference_banks(config, options, categories, progress)
     calibration = calibrate_thresholds(config, options, banks, run_id, progress)
+    scales = overlay_scales(calibration)
     job = make_job(config, options.output, _bank_keys(shards, banks), calibration.thresholds(), options,
-                   run_id, save_maps=options.save_maps)
+                   run_id, save_maps=options.save_maps, overlays=scales)
     stats = score_shards(config, job, shards, progress=progress, desc="scan")
     store = ScanStore(options.output)
     markers = store.markers()
@@ -311,9 +347,13 @@ def run_scan(config: RunConfig, options: ScanOptions, *, progress: bool = True) 
         "run_id": run_id, "this_run": stats,
         "throughput_images_per_s": stats["images_this_run"] / stats["seconds"] if stats["seconds"] else None,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "calibration": calibration.to_dict(), "reference_ids": reference_ids,
+        "calibration": calibration.to_dict(), "thresholds": describe_origins(calibration),
+        "overlay_scales": {c: s["limits"] for c, s in scales.items()},
+        "overlays": sum(int(m.get("overlays", 0)) for m in markers), "reference_ids": reference_ids,
         "categories_without_references": sorted(categories - set(banks)),
-        "options": {**asdict(options), "input": storage.redact(options.input)},
+        "options": {**asdict(options), "input": storage.redact(options.input),
+                    **{key: storage.redact(value) for key in ("thresholds_file", "thresholds_from")
+                       if (value := getattr(options, key))}},
     }
     storage.atomic_write_json(summary_url, summary)
     save_config(config, storage.join(options.output, "config.yaml"))

@@ -7,8 +7,9 @@
    which part of the original each map covers); anything unusable becomes a skipped row with its
    reason (never an exception). Its memory is bounded per task (see `scan.decode_task_memory`).
 2. `ScanActor` (the `ScoringActor` pool, same model and bank caches): scores in batches, flags against
-   the category's threshold, finds the top region, renders heat maps of flagged images and commits
-   the shard's tables and marker. Only a small summary goes back to the driver.
+   the category's threshold, finds the top region, renders heat maps and overlay PNGs (the picture
+   the model saw with the map on top: `reports.overlay`) of flagged images and commits the shard's
+   tables, overlay files and marker. Only a small summary goes back to the driver.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class ScanActor(ScoringActor):
 
     def __call__(self, task: dict) -> dict:
         from workflows.pipelines.regions import heatmap_png, top_region
-        from workflows.pipelines.scan_outputs import ScanStore, reason_key
+        from workflows.pipelines.scan_outputs import ScanStore, overlay_name, reason_key
 
         job = ScoringJob.from_json(task["job"])
         shard = ScanShard.from_dict(json.loads(task["shard"]))
@@ -123,7 +124,9 @@ class ScanActor(ScoringActor):
         kept, skipped = payload["kept"], payload["skipped"]
         threshold = job.extra["thresholds"].get(shard.category)
         level, save_maps = float(job.extra["region_level"]), bool(job.extra["save_maps"])
-        scores, branches, regions, flags, maps = [], {}, [], [], []
+        store = ScanStore(job.job_url)
+        overlay = _OverlayRenderer(job, shard.category)
+        scores, branches, regions, flags, maps, files = [], {}, [], [], [], {}
         for start, stop, out in self.scored_batches(job, shard, payload["images"]):
             batch_scores = out.image_score.detach().float().cpu().numpy()
             anomaly_maps = out.anomaly_map.detach().float().cpu().numpy()
@@ -136,8 +139,11 @@ class ScanActor(ScoringActor):
                 flagged = threshold is not None and float(batch_scores[i]) > threshold
                 flags.append(flagged)
                 if flagged and save_maps:
+                    path = store.overlay_path(shard.category, overlay_name(row["source"], row["image_id"]))
+                    files[path] = overlay(payload["images"][start + i], anomaly_maps[i],
+                                          float(batch_scores[i]), row["source"])
                     maps.append({"image_id": row["image_id"], "source": row["source"],
-                                 "heatmap_png": heatmap_png(anomaly_maps[i])})
+                                 "heatmap_png": heatmap_png(anomaly_maps[i]), "overlay": path})
         tables = {
             "results": _results(shard, kept, scores, branches, regions, flags, threshold),
             "skipped": _skipped(shard, skipped),
@@ -145,10 +151,31 @@ class ScanActor(ScoringActor):
         }
         marker = {"shard_id": shard.shard_id, "category": shard.category, "dataset": shard.dataset,
                   "seen": len(kept) + len(skipped), "scored": len(kept), "skipped": len(skipped),
-                  "flagged": int(sum(flags)), "run_id": job.extra["run_id"],
+                  "flagged": int(sum(flags)), "overlays": len(files), "run_id": job.extra["run_id"],
                   "skip_reasons": dict(_count(reason_key(s["reason"]) for s in skipped))}
-        ScanStore(job.job_url).commit(shard.category, shard.shard_id, tables, marker)
+        store.commit(shard.category, shard.shard_id, tables, marker, files=files)
         return {"shard_id": shard.shard_id, "seen": marker["seen"], "flagged": marker["flagged"]}
+
+
+class _OverlayRenderer:
+    """Overlay PNG of one flagged image of a category: the category's threshold, its source and colour
+    scale come from the job (`scan.overlay_scales`, recorded in summary.json)."""
+
+    def __init__(self, job: ScoringJob, category: str) -> None:
+        info = job.extra.get("overlays", {}).get(category) or {}
+        self.category, self.mean, self.std = category, job.mean, job.std
+        self.threshold, self.source = info.get("threshold"), info.get("source", "")
+        self.limits = tuple(info["limits"]) if info.get("limits") else None
+
+    def __call__(self, normalised: np.ndarray, anomaly_map: np.ndarray, score: float, source: str) -> bytes:
+        from workflows.reports.overlay import display_image, overlay_limits, overlay_png
+
+        limits = self.limits or overlay_limits(self.threshold, None) or (float(anomaly_map.min()),
+                                                                         float(anomaly_map.max()) + 1e-6)
+        caption = [f"{self.category}: score {score:.4g} > threshold {self.threshold:.4g} ({self.source})",
+                   source]
+        return overlay_png(display_image(normalised, self.mean, self.std), anomaly_map, limits, caption,
+                           marker=self.threshold)
 
 
 def _count(values) -> dict[str, int]:
@@ -203,5 +230,6 @@ def _maps(shard: ScanShard, maps: list[dict]):
         "source": pa.array([m["source"] for m in maps], pa.string()),
         "category": pa.array([shard.category] * len(maps), pa.string()),
         "heatmap_png": pa.array([m["heatmap_png"] for m in maps], pa.binary()),
+        "overlay": pa.array([m["overlay"] for m in maps], pa.string()),
         "shard_id": pa.array([shard.shard_id] * len(maps), pa.string()),
     })

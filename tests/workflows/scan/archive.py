@@ -113,3 +113,12 @@ def upload(local_root: str, url: str) -> None:
             rel = os.path.relpath(path, local_root).replace(os.sep, "/")
             with open(path, "rb") as handle:
                 storage.atomic_write_bytes(storage.join(url, rel), handle.read())
+
+
+def overlay_files(store) -> set[str]:
+    """Overlay PNG files under a scan's maps/ (a `ScanStore`), as paths relative to the scan output."""
+    from workflows import storage
+
+    root = storage.join(store.url, "maps")
+    return {"maps/" + url[len(root):].lstrip("/") for url in storage.list_urls(root, recursive=True)
+            if url.endswith(".png")}

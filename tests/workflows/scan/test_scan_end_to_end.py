@@ -10,12 +10,13 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from tests.workflows.scan.archive import upload, write_archive, write_normals  # noqa: E402
+from tests.workflows.scan.archive import overlay_files, upload, write_archive, write_normals  # noqa: E402
 from workflows import storage  # noqa: E402
 from workflows.config import load_config  # noqa: E402
 from workflows.pipelines.calibration import threshold_at_fpr  # noqa: E402
 from workflows.pipelines.scan import ScanOptions, run_scan  # noqa: E402
 from workflows.pipelines.scan_outputs import ScanStore  # noqa: E402
+from workflows.reports.overlay import overlay_size  # noqa: E402
 
 CONFIG = ["backbone.image_size=64", "tracking.enabled=false", "device=cpu", "evaluate.batch_size=32"]
 MAX_PIXELS = 200_000  # the generated 640x640 image is "far larger" than this limit
@@ -77,6 +78,15 @@ def test_scan_flags_pasted_defects_and_locates_them(local_scan):
     assert sorted(m["source"] for m in maps) == sorted(r["source"] for r in rows if r["flag"])
     assert Image.open(io.BytesIO(maps[0]["heatmap_png"])).size == (64, 64)
     assert storage.exists(storage.join(store.url, "results", "category=brick"))
+    # one overlay PNG file per flagged image, named in the maps table, at the overlay size
+    assert overlay_files(store) == {m["overlay"] for m in maps}
+    assert len(maps) == summary["flagged"] == summary["overlays"]
+    assert summary["overlays"] == sum(m["overlays"] for m in store.markers())
+    for m in maps[:20]:
+        assert m["overlay"].startswith(f"maps/category={m['category']}/")
+        image = Image.open(io.BytesIO(storage.read_bytes(storage.join(store.url, m["overlay"]))))
+        assert image.format == "PNG" and image.size == overlay_size(64, 2)
+    assert set(summary["overlay_scales"]) == {"brick", "grass"}
 
 
 def test_bad_inputs_are_skipped_with_reasons_and_counts_reconcile(local_scan):
@@ -132,7 +142,10 @@ def test_fixed_threshold_scan_on_s3(local_ray, folders, s3_server, tmp_path):
     assert summary["seen"] == len(small.keys()) and summary["reconciles"]
     assert summary["scored"] == 120 and summary["skipped"] == len(small.bad)
     assert summary["calibration"]["categories"]["brick"] == {
-        "category": "brick", "threshold": 1.5, "source": "fixed", "normals": 0, "empirical_fpr": None}
+        "category": "brick", "threshold": 1.5, "source": "fixed", "normals": 0, "empirical_fpr": None,
+        "normal_median": None}
+    assert summary["thresholds"]["brick"] == {"threshold": 1.5, "source": "fixed",
+                                              "origin": "--threshold (every category)"}
     store = ScanStore(options.output)
     rows = store.read_table("results").to_pylist()
     assert len({r["source"] for r in rows}) == 120
@@ -154,3 +167,45 @@ def test_scan_of_a_parquet_split_with_parquet_references(local_ray, tmp_path):
     assert {r["dataset"] for r in rows} == {"textures"} and len({r["image_id"] for r in rows}) == 6
     (skipped,) = store.read_table("skipped").to_pylist()
     assert skipped["source"] == "corrupt/0.png" and "truncated" in skipped["reason"]
+
+
+def test_per_category_thresholds_from_a_file_and_an_earlier_scan_and_overlays_survive_resume(
+        local_scan, local_ray, tmp_path):
+    """brick from the file (so high nothing is flagged), grass from the earlier scan's calibration; then
+    a shard whose commit marker was lost (and one of its overlays) is rescored on rerun: the overlays
+    come back under the same names, none twice."""
+    earlier, _, _ = local_scan
+    small = write_archive(str(tmp_path / "small"), per_category=40, seed=4, bad=False)
+    (tmp_path / "thresholds.yaml").write_text("brick: 1.0e+6\n")
+    options = ScanOptions(input=small.root, output=str(tmp_path / "out"),
+                          references=earlier["options"]["references"],
+                          thresholds_file=str(tmp_path / "thresholds.yaml"),
+                          thresholds_from=earlier["options"]["output"], max_pixels=MAX_PIXELS, shard_size=8)
+    summary = run_scan(load_config(None, CONFIG), options, progress=False)
+    grass = earlier["calibration"]["categories"]["grass"]["threshold"]
+    assert summary["thresholds"]["brick"]["source"] == "file"
+    assert summary["thresholds"]["brick"]["origin"] == f"--thresholds {tmp_path / 'thresholds.yaml'}"
+    assert summary["thresholds"]["grass"] == {"threshold": grass, "source": "run",
+                                              "origin": f"--thresholds-from {options.thresholds_from}"}
+    assert summary["calibration"]["normals_url"] is None  # nothing left to calibrate: no normals scored
+    store = ScanStore(options.output)
+    rows = store.read_table("results").to_pylist()
+    assert {r["category"] for r in rows} == {"brick", "grass"}
+    assert not any(r["flag"] for r in rows if r["category"] == "brick")
+    assert all(r["flag"] == (r["score"] > grass) for r in rows if r["category"] == "grass")
+    assert summary["per_category"]["grass"]["flagged"] >= 2  # the pasted defects
+    overlays = {m["overlay"]: m["source"] for m in store.read_table("maps").to_pylist()}
+    assert overlay_files(store) == set(overlays)
+    assert sorted(overlays.values()) == sorted(r["source"] for r in rows if r["flag"])
+
+    # a crash after the shard's overlays but before its marker; one overlay was not written either
+    shard_id = next(m["shard_id"] for m in store.markers() if m["overlays"])
+    lost = next(path for path in overlays if path in {m["overlay"] for m in store.read_parquet(
+        store.table_url("maps", "grass", shard_id)).to_pylist()})
+    storage.remove(storage.join(store.url, lost))
+    storage.remove(store.done_url(shard_id))
+    storage.remove(storage.join(store.url, "_SUCCESS"))
+    again = run_scan(load_config(None, CONFIG), options, progress=False)
+    assert again["this_run"]["shards_scored"] == 1 and again["flagged"] == summary["flagged"]
+    assert overlay_files(store) == set(overlays)  # restored, nothing duplicated
+    assert {m["overlay"] for m in store.read_table("maps").to_pylist()} == set(overlays)

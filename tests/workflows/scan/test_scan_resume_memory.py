@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 # four driver subprocesses, each starting its own local Ray: a few minutes on a busy 2-core machine
 pytestmark = pytest.mark.slow
 
-from tests.workflows.scan.archive import write_archive, write_normals  # noqa: E402
+from tests.workflows.scan.archive import overlay_files, write_archive, write_normals  # noqa: E402
 from workflows import storage  # noqa: E402
 from workflows.pipelines.scan_outputs import ScanStore  # noqa: E402
 
@@ -110,7 +110,14 @@ def test_kill_and_resume_gives_the_uninterrupted_results(root):
     assert summary["seen"] == summary["planned_images"] == summary["scored"] + summary["skipped"]
     assert summary["scored"] == 2 * LARGE
 
+    # overlays: one file per flagged image, whichever run committed its shard, none twice or missing
+    store = ScanStore(str(output))
+    overlays = overlay_files(store)
+    maps = store.read_table("maps").to_pylist()
+    assert overlays == {m["overlay"] for m in maps} and len(maps) == summary["flagged"] > 0
+
     _run(root, "large", "uninterrupted")
+    assert overlay_files(ScanStore(str(root / "uninterrupted"))) == overlays  # the same names
     expected, got = _results(root, "uninterrupted"), _results(root, "resumed")
     assert got.keys() == expected.keys() and len(got) == 2 * LARGE
     for source, (score, flag, x0, y1) in expected.items():
