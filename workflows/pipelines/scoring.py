@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from workflows.pipelines.commits import ShardStore
+from workflows.pipelines.metric_groups import group_of
 from workflows.pipelines.shards import Shard, read_shard
 
 REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
@@ -206,15 +207,16 @@ class ScoringActor:
 
 
 class ShardOutputs:
-    """One shard's products, batch by batch: metric accumulator, per-image and per-branch scores and
-    maps. The scoring actor fills it from `method.score`, the per-category reduce of set-normalised
-    methods from `normaliser.finish`; both commit it the same way."""
+    """One shard's products, batch by batch: metric accumulators (one per group: the normals, each
+    defect type; `metric_groups`), per-image and per-branch scores and maps. The scoring actor fills it
+    from `method.score`, the per-category reduce of set-normalised methods from `normaliser.finish`;
+    both commit it the same way."""
 
     def __init__(self, job: ScoringJob, kept: list[dict]) -> None:
-        from residual_core.metrics import MetricAccumulator
+        from residual_core.metrics import GroupedAccumulator
 
         self.job, self.kept = job, kept
-        self.accumulator = MetricAccumulator(pixel=True)
+        self.accumulator = GroupedAccumulator(pixel=True)  # groups: metric_groups.group_of(label, defect)
         self.image_scores: list[np.ndarray] = []
         self.branch_scores: dict[str, list[np.ndarray]] = {}
         self.maps: dict[str, np.ndarray] = {}
@@ -233,6 +235,7 @@ class ShardOutputs:
         if labelled:
             index = torch.tensor(labelled)
             self.accumulator.update(
+                [group_of(rows[i]["label"], rows[i]["defect_type"]) for i in labelled],
                 scores[index],
                 torch.tensor([rows[i]["label"] for i in labelled]),
                 anomaly_maps[index.to(anomaly_maps.device)].cpu(),
