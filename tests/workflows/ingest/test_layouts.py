@@ -10,6 +10,7 @@ from residual_core.images import decode_mask
 from tests.workflows.ingest.trees import (
     build_defect_tree,
     build_folder_tree,
+    build_typed_folder_tree,
     build_visa_tree,
     index_of,
     mask_pixels,
@@ -85,6 +86,26 @@ def test_folder_layout_and_default_dataset_name(tmp_path, same_names):
     assert set(table["dataset"].to_pylist()) == {"my-set"}
     _assert_masks_on_their_images(table)
     assert result.report.written == 16
+
+
+def test_folder_layout_with_defect_types(tmp_path):
+    """``anomalous/<type>/`` gives the defect type; masks pair from ``masks/<type>/`` (stems repeat
+    across types), then from ``masks/``; flat ``anomalous/*`` stays defect type ``anomalous``."""
+    expected = build_typed_folder_tree(tmp_path / "src")
+    result = _ingest(tmp_path / "src", tmp_path / "out", "folder")
+    table = read_table(str(tmp_path / "out"))
+    rows = table.to_pylist()
+    anomalous = {r["source"]: r for r in rows if r["label"] == 1}
+    assert {source: r["defect_type"] for source, r in anomalous.items()} == expected
+    assert all(r["mask"] is not None and r["split"] == "test" for r in anomalous.values())
+    _assert_masks_on_their_images(table)
+    normal = [r for r in rows if r["label"] == 0]
+    assert {(r["split"], r["defect_type"]) for r in normal} == {("train", "good"), ("test", "good")}
+    assert all(r["mask"] is None for r in normal)
+    assert result.report.written == len(expected) + 2 and not result.report.quarantined
+    (problem,) = result.report.other_problems
+    assert problem.path == "tile/masks/stray"
+    assert problem.reason == "mask folder without a matching anomalous/stray folder"
 
 
 def test_reingest_replaces_without_duplicates(tmp_path):
