@@ -11,7 +11,7 @@ import csv
 import io
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from workflows.datasets.schema import SchemaError, check_partition_value
 from workflows.ingest.quarantine import Problem
@@ -220,11 +220,39 @@ def scan_folder(tree: SourceTree) -> LayoutScan:
 
 
 VISA_CSV = "split_csv/1cls.csv"
+VISA_ANNOTATIONS = "image_anno.csv"  # per category: image, label (the defect description), mask
+VISA_ANNOTATIONS_MAX_BYTES = 64 << 20
 _VISA_LABELS = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "anomalous": 1, "1": 1}
 
 
+def _visa_defect_types(tree: SourceTree, scan: LayoutScan, category: str) -> dict[str, str]:
+    """Image path -> defect type from ``<category>/image_anno.csv`` (its ``label``, e.g. ``scratch`` or
+    ``melt,scratch`` for several; ``normal`` rows left out); {} when the file is absent or unusable."""
+    rel = f"{category}/{VISA_ANNOTATIONS}"
+    if not tree.exists(rel):
+        return {}
+    try:
+        rows = list(csv.DictReader(io.StringIO(tree.read(rel, max_bytes=VISA_ANNOTATIONS_MAX_BYTES)
+                                               .decode("utf-8-sig"))))
+    except (OSError, ValueError, csv.Error) as exc:  # escapes, non-regular, too large, not text
+        scan.problems.append(Problem("file", rel, f"unreadable annotations (defect types not read): {exc}",
+                                     category))
+        return {}
+    if rows and not {"image", "label"} <= set(rows[0]):
+        scan.problems.append(Problem("file", rel, "annotations without image and label columns (defect "
+                                     "types not read)", category))
+        return {}
+    types = {}
+    for row in rows:
+        image, label = (row["image"] or "").strip(), (row["label"] or "").strip()
+        if image and label and label.lower() not in _VISA_LABELS:
+            types[posixpath.normpath(image)] = ",".join(part.strip() for part in label.split(","))
+    return types
+
+
 def scan_visa(tree: SourceTree) -> LayoutScan:
-    """VisA: ``split_csv/1cls.csv`` with columns object, split, label, image, mask (paths from the root)."""
+    """VisA: ``split_csv/1cls.csv`` with columns object, split, label, image, mask (paths from the root);
+    defect types of anomalies from ``<category>/image_anno.csv`` where present (else None)."""
     scan = LayoutScan()
     if not tree.exists(VISA_CSV):
         raise FileNotFoundError(f"VisA layout needs {VISA_CSV} under the source root")
@@ -260,6 +288,9 @@ def scan_visa(tree: SourceTree) -> LayoutScan:
         scan.categories.append(category)
         if count == 0 and not any(p.category == category and p.kind == "image" for p in scan.problems):
             scan.problems.append(Problem("category", category, "empty category (no images found)", category))
+    types = {category: _visa_defect_types(tree, scan, category) for category in counts}
+    scan.items = [replace(item, defect_type=types[item.category].get(posixpath.normpath(item.image)))
+                  if item.label == 1 else item for item in scan.items]
     return scan
 
 

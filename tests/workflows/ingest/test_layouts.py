@@ -72,6 +72,23 @@ def test_visa_layout(tmp_path):
     assert result.report.written == 10 and result.report.reconciles
 
 
+def test_visa_defect_types_come_from_the_category_annotations(tmp_path):
+    """``<category>/image_anno.csv`` names each anomaly's defects; a category without it has none."""
+    build_visa_tree(tmp_path / "src")
+    lines = ["image,label,mask", "candle/Data/Images/Normal/000.png,normal,",
+             "candle/Data/Images/Anomaly/000.png,bent,candle/Data/Masks/Anomaly/000.png",
+             'candle/Data/Images/Anomaly/001.png,"melt, scratch",candle/Data/Masks/Anomaly/001.png']
+    (tmp_path / "src" / "candle" / "image_anno.csv").write_text("\n".join(lines) + "\n")
+    result = _ingest(tmp_path / "src", tmp_path / "out", "visa")
+    rows = read_table(str(tmp_path / "out")).to_pylist()
+    types = {r["source"]: r["defect_type"] for r in rows if r["label"] == 1}
+    assert types == {"candle/Data/Images/Anomaly/000.png": "bent",
+                     "candle/Data/Images/Anomaly/001.png": "melt,scratch",
+                     "pcb1/Data/Images/Anomaly/000.png": None, "pcb1/Data/Images/Anomaly/001.png": None}
+    assert {r["defect_type"] for r in rows if r["label"] == 0} == {"good"}
+    assert result.report.written == 10 and not result.report.other_problems
+
+
 @pytest.mark.parametrize("same_names", [False, True])
 def test_folder_layout_and_default_dataset_name(tmp_path, same_names):
     build_folder_tree(tmp_path / "my-set", same_names=same_names)
