@@ -18,13 +18,25 @@ from residual_core.metrics.accumulator import MetricAccumulator
 GROUPED_STATE_VERSION = 1
 
 
-def _take(values, index: np.ndarray):
-    """Rows ``index`` of a batch (numpy array or tensor, on its device); None stays None."""
+def _take(values, rows: slice | np.ndarray):
+    """Rows of a batch (numpy array or tensor, on its device): a slice is a view, an index array a
+    copy; None stays None."""
     if values is None:
         return None
-    if isinstance(values, torch.Tensor):
-        return values[torch.from_numpy(index).to(values.device)]
-    return np.asarray(values)[index]
+    if isinstance(values, torch.Tensor) and not isinstance(rows, slice):
+        return values[torch.from_numpy(rows).to(values.device)]
+    return values[rows] if isinstance(values, torch.Tensor) else np.asarray(values)[rows]
+
+
+def _partition(names: np.ndarray) -> list[tuple[str, slice | np.ndarray]]:
+    """(group, rows) per group of a batch: slices (views, no copy) when each group's rows are one
+    run, as when the caller ordered the batch by group; else index arrays."""
+    unique, inverse = np.unique(names.astype(str), return_inverse=True)
+    starts = np.flatnonzero(np.diff(inverse)) + 1
+    if len(starts) == len(unique) - 1:
+        bounds = [0, *starts.tolist(), len(names)]
+        return [(str(unique[inverse[a]]), slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [(str(name), np.flatnonzero(inverse == position)) for position, name in enumerate(unique)]
 
 
 class GroupedAccumulator:
@@ -41,22 +53,17 @@ class GroupedAccumulator:
 
     def update(self, groups: Sequence[str], image_scores, labels, anomaly_maps=None, masks=None,
                has_mask=None) -> None:
-        """``MetricAccumulator.update`` of a batch whose row ``i`` belongs to group ``groups[i]``."""
+        """``MetricAccumulator.update`` of a batch whose row ``i`` belongs to group ``groups[i]`` (rows
+        ordered by group avoid any copy)."""
         names = np.asarray(list(groups), dtype=object)
         batch = len(image_scores)
         if names.shape[0] != batch:
             raise ValueError(f"groups has {names.shape[0]} entries for {batch} image scores")
         if batch == 0:
             return
-        unique, inverse = np.unique(names.astype(str), return_inverse=True)
-        if len(unique) == 1:  # the whole batch in one group: no copy
-            self.group(str(unique[0])).update(image_scores, labels, anomaly_maps, masks, has_mask)
-            return
-        for position, name in enumerate(unique):
-            index = np.flatnonzero(inverse == position)
-            self.group(str(name)).update(_take(image_scores, index), _take(labels, index),
-                                         _take(anomaly_maps, index), _take(masks, index),
-                                         _take(has_mask, index))
+        for name, rows in _partition(names):
+            self.group(name).update(_take(image_scores, rows), _take(labels, rows), _take(anomaly_maps, rows),
+                                    _take(masks, rows), _take(has_mask, rows))
 
     def merged(self, names: Iterable[str] | None = None) -> MetricAccumulator:
         """One accumulator holding the named groups (all when None; missing names hold nothing)."""

@@ -231,11 +231,13 @@ class ShardOutputs:
         self.image_scores.append(scores.numpy())
         for name, value in out.branch_scores.items():
             self.branch_scores.setdefault(name, []).append(value.detach().float().cpu().numpy())
-        labelled = [i for i, r in enumerate(rows) if r["label"] is not None]
+        groups = {i: group_of(row["label"], row["defect_type"])
+                  for i, row in enumerate(rows) if row["label"] is not None}
+        labelled = sorted(groups, key=groups.__getitem__)  # by group: each group's maps a view, not a copy
         if labelled:
             index = torch.tensor(labelled)
             self.accumulator.update(
-                [group_of(rows[i]["label"], rows[i]["defect_type"]) for i in labelled],
+                [groups[i] for i in labelled],
                 scores[index],
                 torch.tensor([rows[i]["label"] for i in labelled]),
                 anomaly_maps[index.to(anomaly_maps.device)].cpu(),

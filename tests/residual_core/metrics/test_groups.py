@@ -86,3 +86,16 @@ def test_groups_must_match_the_batch():
         GroupedAccumulator().update(["normal"], [0.1, 0.2], [0, 1])
     with pytest.raises(ValueError, match="unsupported grouped metric state"):
         GroupedAccumulator.from_state_dict(MetricAccumulator().state_dict())
+
+
+def test_rows_ordered_by_group_give_the_same_states_as_interleaved_rows():
+    maps, masks = hand_case()
+    order = np.argsort(np.array(GROUPS), kind="stable")  # each group one run: slices, no copies
+    interleaved, ordered = GroupedAccumulator(), GroupedAccumulator()
+    interleaved.update(GROUPS, SCORES, LABELS, torch.from_numpy(maps), masks)
+    ordered.update([GROUPS[i] for i in order], SCORES[order], LABELS[order], torch.from_numpy(maps[order]),
+                   masks[order])
+    for name in GROUPS:
+        for hist in ("image_histogram", "pixel_histogram"):
+            assert_same_histogram_state(ordered.groups[name].state_dict()[hist],
+                                        interleaved.groups[name].state_dict()[hist])
