@@ -5,7 +5,8 @@ Ray Data runs two stages over a list of (job, shard) tasks:
    masks; a corrupt image becomes a skipped row with its reason.
 2. `ScoringActor` (actor pool, `num_gpus` per actor when GPUs exist): caches backbones, methods and
    per-category banks, scores in batches of `batch_size`, reduces anomaly maps into a
-   `MetricAccumulator` per shard, commits the shard's outputs, and returns a small summary.
+   `GroupedAccumulator` per shard (the normals and each defect type apart, `metric_groups`), commits
+   the shard's outputs, and returns a small summary.
 Nothing per-pixel reaches the driver. `evaluate` uses it; so can `scan`.
 """
 
