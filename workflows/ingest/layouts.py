@@ -11,7 +11,7 @@ import csv
 import io
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from workflows.datasets.schema import SchemaError, check_partition_value
 from workflows.ingest.quarantine import Problem
@@ -51,25 +51,31 @@ def _mask_key(name: str) -> str:
 
 
 class _MaskIndex:
-    """Masks of one folder by image stem (``<stem>_mask.png`` or ``<stem>.<ext>``); tracks unused ones."""
+    """Masks of one folder by image stem (``<stem>_mask.png`` or ``<stem>.<ext>``); tracks unused ones.
+    Its sub-folders (not followed when a symlink leaves the tree) are kept in ``folders``; an image
+    without a mask here takes one from ``fallback``."""
 
-    def __init__(self, tree: SourceTree, rel_dir: str, scan: LayoutScan, category: str) -> None:
+    def __init__(self, tree: SourceTree, rel_dir: str, scan: LayoutScan, category: str,
+                 fallback: _MaskIndex | None = None) -> None:
         self.by_key: dict[str, str] = {}
         self.used: set[str] = set()
+        self.folders: dict[str, str] = {}  # name -> relative path
+        self.fallback = fallback
         for entry in tree.list_dir(rel_dir):
             if entry.escapes:
                 scan.problems.append(Problem("mask", entry.rel, ESCAPES, category))
-            elif not entry.is_dir:
+            elif entry.is_dir:
+                self.folders[entry.name] = entry.rel
+            else:
                 self.by_key[_mask_key(entry.name)] = entry.rel
 
     def take(self, image_name: str) -> str | None:
         key = posixpath.splitext(image_name)[0]
-        if key in self.used:  # each mask pairs with one image (the first folder scanned wins)
-            return None
-        found = self.by_key.get(key)
+        found = None if key in self.used else self.by_key.get(key)  # each mask pairs with one image
         if found:
             self.used.add(key)
-        return found
+            return found
+        return self.fallback.take(image_name) if self.fallback is not None else None
 
     def report_unused(self, scan: LayoutScan, category: str) -> None:
         for key, rel in sorted(self.by_key.items()):
@@ -154,15 +160,42 @@ def scan_btad(tree: SourceTree) -> LayoutScan:
 
 FOLDER_SPLITS = {"train": ("train", 0), "normal": ("test", 0), "anomalous": ("test", 1),
                  "unlabeled": ("unlabeled", None)}
+FOLDER_UNTYPED_DEFECT = "anomalous"  # defect type of the images directly in ``anomalous/``
+
+
+def _add_anomalous(tree: SourceTree, scan: LayoutScan, rel_dir: str, *, category: str,
+                   masks: _MaskIndex) -> set[str]:
+    """``anomalous/*`` (defect type ``anomalous``) and ``anomalous/<defect type>/*``, whose masks come
+    from ``masks/<defect type>/`` first, then from ``masks/``; returns the defect types found."""
+    types = set()
+    for entry in tree.list_dir(rel_dir):
+        if entry.escapes:
+            scan.problems.append(Problem("image", entry.rel, ESCAPES, category))
+        elif entry.is_dir:
+            types.add(entry.name)
+            typed = masks
+            if entry.name in masks.folders:
+                typed = _MaskIndex(tree, masks.folders[entry.name], scan, category, fallback=masks)
+            _add_images(tree, scan, entry.rel, category=category, split="test", label=1,
+                        defect_type=entry.name, masks=typed)
+            if typed is not masks:
+                typed.report_unused(scan, category)
+        else:
+            scan.items.append(SourceItem(category, "test", 1, FOLDER_UNTYPED_DEFECT, entry.rel,
+                                         masks.take(entry.name)))
+    return types
 
 
 def scan_folder(tree: SourceTree) -> LayoutScan:
-    """Generic ``<cat>/{normal,anomalous,masks,unlabeled}`` (+ optional ``train`` of normal references).
-    ``normal``/``anomalous`` become the labelled test split; masks pair with any image by stem."""
+    """Generic ``<cat>/{train,normal,anomalous,masks,unlabeled}``: ``train`` holds normal references,
+    ``normal``/``anomalous`` become the labelled test split, ``anomalous/<defect type>/`` sub-folders
+    give defect types. Masks: ``masks/<defect type>/<stem>[_mask].<ext>`` for a typed image, else
+    ``masks/<stem>[_mask].<ext>`` pairs with any image by stem."""
     scan = LayoutScan()
     for category in _categories(tree, scan):
         before = len(scan.items)
         masks = _MaskIndex(tree, f"{category}/masks", scan, category)
+        types: set[str] = set()
         order = {"anomalous": 0, "normal": 1, "train": 2, "unlabeled": 3}  # masks belong to anomalous first
         for entry in sorted(tree.list_dir(category), key=lambda e: (order.get(e.name, 9), e.name)):
             if entry.name == "masks":
@@ -171,21 +204,55 @@ def scan_folder(tree: SourceTree) -> LayoutScan:
                 scan.problems.append(Problem("file", entry.rel, "unexpected entry (expected train, normal, "
                                              "anomalous, masks, unlabeled)", category))
                 continue
+            if entry.name == "anomalous":
+                types = _add_anomalous(tree, scan, entry.rel, category=category, masks=masks)
+                continue
             split, label = FOLDER_SPLITS[entry.name]
-            defect = {0: "good", 1: "anomalous", None: None}[label]
             _add_images(tree, scan, entry.rel, category=category, split=split, label=label,
-                        defect_type=defect, masks=masks)
+                        defect_type="good" if label == 0 else None, masks=masks)
+        for name, rel in sorted(masks.folders.items()):
+            if name not in types:
+                scan.problems.append(Problem("mask", rel, f"mask folder without a matching anomalous/{name} "
+                                             "folder", category))
         masks.report_unused(scan, category)
         _finish_category(scan, category, before, category)
     return scan
 
 
 VISA_CSV = "split_csv/1cls.csv"
+VISA_ANNOTATIONS = "image_anno.csv"  # per category: image, label (the defect description), mask
+VISA_ANNOTATIONS_MAX_BYTES = 64 << 20
 _VISA_LABELS = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "anomalous": 1, "1": 1}
 
 
+def _visa_defect_types(tree: SourceTree, scan: LayoutScan, category: str) -> dict[str, str]:
+    """Image path -> defect type from ``<category>/image_anno.csv`` (its ``label``, e.g. ``scratch`` or
+    ``melt,scratch`` for several; ``normal`` rows left out); {} when the file is absent or unusable."""
+    rel = f"{category}/{VISA_ANNOTATIONS}"
+    if not tree.exists(rel):
+        return {}
+    try:
+        rows = list(csv.DictReader(io.StringIO(tree.read(rel, max_bytes=VISA_ANNOTATIONS_MAX_BYTES)
+                                               .decode("utf-8-sig"))))
+    except (OSError, ValueError, csv.Error) as exc:  # escapes, non-regular, too large, not text
+        scan.problems.append(Problem("file", rel, f"unreadable annotations (defect types not read): {exc}",
+                                     category))
+        return {}
+    if rows and not {"image", "label"} <= set(rows[0]):
+        scan.problems.append(Problem("file", rel, "annotations without image and label columns (defect "
+                                     "types not read)", category))
+        return {}
+    types = {}
+    for row in rows:
+        image, label = (row["image"] or "").strip(), (row["label"] or "").strip()
+        if image and label and label.lower() not in _VISA_LABELS:
+            types[posixpath.normpath(image)] = ",".join(part.strip() for part in label.split(","))
+    return types
+
+
 def scan_visa(tree: SourceTree) -> LayoutScan:
-    """VisA: ``split_csv/1cls.csv`` with columns object, split, label, image, mask (paths from the root)."""
+    """VisA: ``split_csv/1cls.csv`` with columns object, split, label, image, mask (paths from the root);
+    defect types of anomalies from ``<category>/image_anno.csv`` where present (else None)."""
     scan = LayoutScan()
     if not tree.exists(VISA_CSV):
         raise FileNotFoundError(f"VisA layout needs {VISA_CSV} under the source root")
@@ -221,6 +288,9 @@ def scan_visa(tree: SourceTree) -> LayoutScan:
         scan.categories.append(category)
         if count == 0 and not any(p.category == category and p.kind == "image" for p in scan.problems):
             scan.problems.append(Problem("category", category, "empty category (no images found)", category))
+    types = {category: _visa_defect_types(tree, scan, category) for category in counts}
+    scan.items = [replace(item, defect_type=types[item.category].get(posixpath.normpath(item.image)))
+                  if item.label == 1 else item for item in scan.items]
     return scan
 
 

@@ -8,7 +8,6 @@ per-shard outputs (see `resume`), then `metrics.json`, the resolved `config.yaml
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
@@ -19,6 +18,7 @@ from workflows.config import MethodConfig, RunConfig, save_config
 from workflows.datasets.reader import pixel_ground_truth
 from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
+from workflows.pipelines.metric_groups import NO_PIXEL_TRUTH, category_metrics  # noqa: F401 - re-exported
 from workflows.pipelines.models import content_key, method_preprocess, probe_backbone
 from workflows.pipelines.scoring import ScoringJob, run_scoring
 from workflows.pipelines.set_reduce import pending_reduces, run_reduces
@@ -28,8 +28,8 @@ METRIC_NAMES = (*IMAGE_METRICS, *pixel_metric_names(0.3))
 # Version of the evaluation protocol, part of every job key so that results of an older protocol are
 # never reused: 2 = normal images count with all-zero masks in pixel metrics where the dataset has
 # pixel ground truth (MVTec AD protocol); ResAD++ maps finished per category (authors' normalisation).
-EVAL_PROTOCOL = 2
-NO_PIXEL_TRUTH = "no pixel ground truth: the dataset manifest declares none for this category"
+# 3 = shard metric states grouped (normals, each defect type): per-defect-type metrics.
+EVAL_PROTOCOL = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class EvalResult:
     reference_ids: dict[str, list[str]] = field(default_factory=dict)  # "dataset/category" -> ids
     resumed_shards: int = 0
     completed: bool = True
+    # "dataset/category" -> defect type -> metrics of that type's images against the category's normals
+    # (shaped like per_category entries)
+    per_defect_type: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -146,13 +149,14 @@ def _partial(spec: EvalSpec, job: ScoringJob) -> EvalResult:
 def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[Shard],
               refs: dict[str, list[str]], resumed: int) -> EvalResult:
     """Merge the shard states per category (one at a time), compute and commit the job's metrics."""
-    from residual_core.metrics import MetricAccumulator
+    from residual_core.metrics import GroupedAccumulator
 
     metrics_url = storage.join(job.job_url, "metrics.json")
     if storage.is_committed(job.job_url):
         saved = storage.read_json(metrics_url)
         return EvalResult(spec, job.job_url, saved["per_category"], saved["per_dataset"], saved["counts"],
-                          saved.get("reference_ids", refs), resumed_shards=saved["counts"]["shards"])
+                          saved.get("reference_ids", refs), resumed_shards=saved["counts"]["shards"],
+                          per_defect_type=saved.get("per_defect_type", {}))
     store = ShardStore(job.job_url)
     done = store.done_ids()
     missing = [s.shard_id for s in shards if s.shard_id not in done]
@@ -162,51 +166,29 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
     if unreduced:
         raise RuntimeError(f"{spec.label()}: {len(unreduced)} categories were not reduced "
                            f"(e.g. {unreduced[0][0]}/{unreduced[0][1]})")
-    accumulators: dict[str, MetricAccumulator] = {}
+    accumulators: dict[str, GroupedAccumulator] = {}
     counts = {"images": 0, "skipped": 0, "shards": len(shards)}
     for shard in shards:
         summary = store.summary(shard.shard_id)
         counts["images"] += summary["images"]
         counts["skipped"] += summary["skipped"]
         name = f"{shard.dataset}/{shard.category}"
-        state = MetricAccumulator.from_state_dict(store.state(shard.shard_id))
-        accumulators[name] = state if name not in accumulators else _merged(accumulators[name], state)
-    per_category = {name: _without_pixel_truth(_clean(acc.compute())) if not job.pixel_gt.get(name) else
-                    _clean(acc.compute()) for name, acc in sorted(accumulators.items())}
+        state = GroupedAccumulator.from_state_dict(store.state(shard.shard_id))
+        accumulators[name] = state if name not in accumulators else accumulators[name].merge(state)
+    per_category, per_defect_type = {}, {}
+    for name, grouped in sorted(accumulators.items()):
+        per_category[name], per_defect_type[name] = category_metrics(grouped, bool(job.pixel_gt.get(name)))
     per_dataset = dataset_means(per_category)
     payload = {"per_category": per_category, "per_dataset": per_dataset, "counts": counts,
-               "reference_ids": refs, "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"],
-               "preprocess": job.preprocess,
+               "per_defect_type": per_defect_type, "reference_ids": refs,
+               "spec": EvalResult(spec, "", {}, {}, {}).to_dict()["spec"], "preprocess": job.preprocess,
                # how the job scored (model, banks, preset): galleries recompute the maps they show
                "scoring_job": asdict(job)}
     storage.atomic_write_json(metrics_url, payload)
     save_config(config, storage.join(job.job_url, "config.yaml"))
     storage.mark_success(job.job_url, {"metrics": "metrics.json"})
-    return EvalResult(spec, job.job_url, per_category, per_dataset, counts, refs, resumed_shards=resumed)
-
-
-def _without_pixel_truth(metrics: dict) -> dict:
-    """Pixel metrics of a category without pixel ground truth: undefined, and the reason says why."""
-    names = pixel_metric_names(0.3)
-    reasons = {**metrics.get("not_defined", {}), **dict.fromkeys(names, NO_PIXEL_TRUTH)}
-    return {**metrics, **dict.fromkeys(names), "not_defined": reasons}
-
-
-def _merged(left, right):
-    merged = left.merge(right)
-    return merged if merged is not None else left
-
-
-def _clean(computed: dict) -> dict:
-    """compute() output made JSON-safe (floats or None; NaN -> None)."""
-    out = {}
-    for key, value in computed.items():
-        if hasattr(value, "item"):
-            value = value.item()
-        if isinstance(value, float) and math.isnan(value):
-            value = None
-        out[key] = value
-    return out
+    return EvalResult(spec, job.job_url, per_category, per_dataset, counts, refs, resumed_shards=resumed,
+                      per_defect_type=per_defect_type)
 
 
 def dataset_means(per_category: dict[str, dict]) -> dict[str, dict[str, float | None]]:

@@ -5,7 +5,8 @@ Ray Data runs two stages over a list of (job, shard) tasks:
    masks; a corrupt image becomes a skipped row with its reason.
 2. `ScoringActor` (actor pool, `num_gpus` per actor when GPUs exist): caches backbones, methods and
    per-category banks, scores in batches of `batch_size`, reduces anomaly maps into a
-   `MetricAccumulator` per shard, commits the shard's outputs, and returns a small summary.
+   `GroupedAccumulator` per shard (the normals and each defect type apart, `metric_groups`), commits
+   the shard's outputs, and returns a small summary.
 Nothing per-pixel reaches the driver. `evaluate` uses it; so can `scan`.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from workflows.pipelines.commits import ShardStore
+from workflows.pipelines.metric_groups import group_of
 from workflows.pipelines.shards import Shard, read_shard
 
 REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
@@ -213,15 +215,16 @@ class ScoringActor:
 
 
 class ShardOutputs:
-    """One shard's products, batch by batch: metric accumulator, per-image and per-branch scores and
-    maps. The scoring actor fills it from `method.score`, the per-category reduce of set-normalised
-    methods from `normaliser.finish`; both commit it the same way."""
+    """One shard's products, batch by batch: metric accumulators (one per group: the normals, each
+    defect type; `metric_groups`), per-image and per-branch scores and maps. The scoring actor fills it
+    from `method.score`, the per-category reduce of set-normalised methods from `normaliser.finish`;
+    both commit it the same way."""
 
     def __init__(self, job: ScoringJob, kept: list[dict]) -> None:
-        from residual_core.metrics import MetricAccumulator
+        from residual_core.metrics import GroupedAccumulator
 
         self.job, self.kept = job, kept
-        self.accumulator = MetricAccumulator(pixel=True)
+        self.accumulator = GroupedAccumulator(pixel=True)  # groups: metric_groups.group_of(label, defect)
         self.image_scores: list[np.ndarray] = []
         self.branch_scores: dict[str, list[np.ndarray]] = {}
         self.maps: dict[str, np.ndarray] = {}
@@ -236,10 +239,13 @@ class ShardOutputs:
         self.image_scores.append(scores.numpy())
         for name, value in out.branch_scores.items():
             self.branch_scores.setdefault(name, []).append(value.detach().float().cpu().numpy())
-        labelled = [i for i, r in enumerate(rows) if r["label"] is not None]
+        groups = {i: group_of(row["label"], row["defect_type"])
+                  for i, row in enumerate(rows) if row["label"] is not None}
+        labelled = sorted(groups, key=groups.__getitem__)  # by group: each group's maps a view, not a copy
         if labelled:
             index = torch.tensor(labelled)
             self.accumulator.update(
+                [groups[i] for i in labelled],
                 scores[index],
                 torch.tensor([rows[i]["label"] for i in labelled]),
                 anomaly_maps[index.to(anomaly_maps.device)].cpu(),

@@ -1,4 +1,5 @@
-"""The summary table of a lodo run: per (held-out dataset, method, k) mean and std over seeds."""
+"""Summary tables of evaluations: per (dataset, method, k), and per (dataset, category, defect type,
+method, k), each metric's mean and std over seeds."""
 
 from __future__ import annotations
 
@@ -20,15 +21,34 @@ def summary_rows(results: Iterable[EvalResult]) -> list[dict]:
         for dataset, metrics in result.per_dataset.items():
             key = (dataset, result.spec.method.name, result.spec.k_shot)
             grouped.setdefault(key, []).append(metrics)
-    rows = []
-    for (dataset, method, k), runs in sorted(grouped.items()):
-        row: dict = {"dataset": dataset, "method": method, "k": k, "seeds": len(runs)}
-        over_seeds = summarize_runs([{m: r.get(m) for m in METRIC_NAMES} for r in runs])
-        for metric in METRIC_NAMES:
-            row[f"{metric}_mean"] = over_seeds["mean"].get(metric)
-            row[f"{metric}_std"] = over_seeds["std"].get(metric)
-        rows.append(row)
-    return rows
+    return [_over_seeds({"dataset": dataset, "method": method, "k": k}, runs)
+            for (dataset, method, k), runs in sorted(grouped.items())]
+
+
+def defect_type_rows(results: Iterable[EvalResult]) -> list[dict]:
+    """One row per (dataset, category, defect type, method, k): `<metric>_mean`/`<metric>_std` over seeds
+    of that type's images against the category's normals (`EvalResult.per_defect_type`)."""
+    grouped: dict[tuple[str, str, str, str, int], list[dict]] = {}
+    for result in results:
+        for name, by_type in result.per_defect_type.items():
+            dataset, category = name.split("/", 1)
+            for defect_type, metrics in by_type.items():
+                key = (dataset, category, defect_type, result.spec.method.name, result.spec.k_shot)
+                grouped.setdefault(key, []).append(metrics)
+    return [_over_seeds({"dataset": dataset, "category": category, "defect_type": defect_type,
+                         "method": method, "k": k}, runs)
+            for (dataset, category, defect_type, method, k), runs in sorted(grouped.items())]
+
+
+def _over_seeds(row: dict, runs: list[dict]) -> dict:
+    """`row` plus the number of seeds and each metric's mean and std over `runs` (None where undefined:
+    a metric missing in some seed, or the std of a single seed)."""
+    row = {**row, "seeds": len(runs)}
+    over_seeds = summarize_runs([{m: r.get(m) for m in METRIC_NAMES} for r in runs])
+    for metric in METRIC_NAMES:
+        row[f"{metric}_mean"] = over_seeds["mean"].get(metric)
+        row[f"{metric}_std"] = over_seeds["std"].get(metric)
+    return row
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -45,10 +65,24 @@ def to_csv(rows: list[dict]) -> str:
 def to_markdown(rows: list[dict]) -> str:
     """Metrics in percent as `mean ± std` (`mean` alone for one seed); `n/a` where a metric is not
     defined (e.g. pixel metrics of a dataset without masks)."""
-    header = ["dataset", "method", "k", "seeds", *METRIC_NAMES]
+    return _markdown(rows, ("dataset", "method", "k", "seeds"))
+
+
+def defect_types_to_markdown(rows: list[dict]) -> str:
+    """`defect_type_rows` as a markdown table, formatted as `to_markdown`."""
+    return _markdown(rows, ("dataset", "category", "defect_type", "method", "k", "seeds"))
+
+
+def defect_types_to_csv(rows: list[dict]) -> str:
+    """`defect_type_rows` as CSV (empty cells where undefined)."""
+    return to_csv(rows)
+
+
+def _markdown(rows: list[dict], keys: tuple[str, ...]) -> str:
+    header = [*keys, *METRIC_NAMES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["dataset"], row["method"], str(row["k"]), str(row["seeds"])]
+        cells = [str(row[key]) for key in keys]
         for metric in METRIC_NAMES:
             mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
             if mean is None:

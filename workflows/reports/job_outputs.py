@@ -31,12 +31,12 @@ def shards_by_category(job_url: str) -> dict[str, list[Shard]]:
 
 def merged_accumulator(job_url: str, shards: Iterable[Shard]):
     """The category's ``MetricAccumulator``: the shards' states merged one at a time."""
-    from residual_core.metrics import MetricAccumulator
+    from workflows.pipelines.metric_groups import category_accumulator
 
     store = ShardStore(job_url)
     total = None
     for shard in shards:
-        state = MetricAccumulator.from_state_dict(store.state(shard.shard_id))
+        state = category_accumulator(store.state(shard.shard_id))  # all groups of the shard
         total = state if total is None else total.merge(state)
     if total is None:
         raise ValueError(f"{storage.redact(job_url)}: no committed shards to merge")

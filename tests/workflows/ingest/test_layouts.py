@@ -10,6 +10,7 @@ from residual_core.images import decode_mask
 from tests.workflows.ingest.trees import (
     build_defect_tree,
     build_folder_tree,
+    build_typed_folder_tree,
     build_visa_tree,
     index_of,
     mask_pixels,
@@ -71,6 +72,23 @@ def test_visa_layout(tmp_path):
     assert result.report.written == 10 and result.report.reconciles
 
 
+def test_visa_defect_types_come_from_the_category_annotations(tmp_path):
+    """``<category>/image_anno.csv`` names each anomaly's defects; a category without it has none."""
+    build_visa_tree(tmp_path / "src")
+    lines = ["image,label,mask", "candle/Data/Images/Normal/000.png,normal,",
+             "candle/Data/Images/Anomaly/000.png,bent,candle/Data/Masks/Anomaly/000.png",
+             'candle/Data/Images/Anomaly/001.png,"melt, scratch",candle/Data/Masks/Anomaly/001.png']
+    (tmp_path / "src" / "candle" / "image_anno.csv").write_text("\n".join(lines) + "\n")
+    result = _ingest(tmp_path / "src", tmp_path / "out", "visa")
+    rows = read_table(str(tmp_path / "out")).to_pylist()
+    types = {r["source"]: r["defect_type"] for r in rows if r["label"] == 1}
+    assert types == {"candle/Data/Images/Anomaly/000.png": "bent",
+                     "candle/Data/Images/Anomaly/001.png": "melt,scratch",
+                     "pcb1/Data/Images/Anomaly/000.png": None, "pcb1/Data/Images/Anomaly/001.png": None}
+    assert {r["defect_type"] for r in rows if r["label"] == 0} == {"good"}
+    assert result.report.written == 10 and not result.report.other_problems
+
+
 @pytest.mark.parametrize("same_names", [False, True])
 def test_folder_layout_and_default_dataset_name(tmp_path, same_names):
     build_folder_tree(tmp_path / "my-set", same_names=same_names)
@@ -85,6 +103,26 @@ def test_folder_layout_and_default_dataset_name(tmp_path, same_names):
     assert set(table["dataset"].to_pylist()) == {"my-set"}
     _assert_masks_on_their_images(table)
     assert result.report.written == 16
+
+
+def test_folder_layout_with_defect_types(tmp_path):
+    """``anomalous/<type>/`` gives the defect type; masks pair from ``masks/<type>/`` (stems repeat
+    across types), then from ``masks/``; flat ``anomalous/*`` stays defect type ``anomalous``."""
+    expected = build_typed_folder_tree(tmp_path / "src")
+    result = _ingest(tmp_path / "src", tmp_path / "out", "folder")
+    table = read_table(str(tmp_path / "out"))
+    rows = table.to_pylist()
+    anomalous = {r["source"]: r for r in rows if r["label"] == 1}
+    assert {source: r["defect_type"] for source, r in anomalous.items()} == expected
+    assert all(r["mask"] is not None and r["split"] == "test" for r in anomalous.values())
+    _assert_masks_on_their_images(table)
+    normal = [r for r in rows if r["label"] == 0]
+    assert {(r["split"], r["defect_type"]) for r in normal} == {("train", "good"), ("test", "good")}
+    assert all(r["mask"] is None for r in normal)
+    assert result.report.written == len(expected) + 2 and not result.report.quarantined
+    (problem,) = result.report.other_problems
+    assert problem.path == "tile/masks/stray"
+    assert problem.reason == "mask folder without a matching anomalous/stray folder"
 
 
 def test_reingest_replaces_without_duplicates(tmp_path):

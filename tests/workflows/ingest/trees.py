@@ -91,6 +91,34 @@ def build_folder_tree(root: Path, counter: Counter | None = None, *, same_names:
             put(root / category / "unlabeled" / f"{names['unl']}.png", image_bytes(counter.next()))
 
 
+def build_typed_folder_tree(root: Path, counter: Counter | None = None) -> dict[str, str]:
+    """The folder layout with defect types: ``anomalous/<type>/`` with masks in ``masks/<type>/`` (the
+    same stems in both types), one typed image whose mask is in the flat ``masks/``, one untyped image
+    directly in ``anomalous/``, and a stray ``masks/<type>/`` folder. Returns source path -> defect type
+    of the anomalous images."""
+    counter = counter or Counter(900)
+    cat = root / "tile"
+    put(cat / "train" / "0.png", image_bytes(counter.next()))
+    put(cat / "normal" / "0.png", image_bytes(counter.next()))  # same stem as typed anomalies: no mask
+    expected = {}
+    for defect, suffix in (("crack", "_mask"), ("hole", "")):
+        for n in range(2):
+            index = counter.next()
+            put(cat / "anomalous" / defect / f"{n}.png", image_bytes(index))
+            put(cat / "masks" / defect / f"{n}{suffix}.png", mask_bytes(index))
+            expected[f"tile/anomalous/{defect}/{n}.png"] = defect
+    index = counter.next()
+    put(cat / "anomalous" / "hole" / "7.png", image_bytes(index))
+    put(cat / "masks" / "7_mask.png", mask_bytes(index))  # a typed image, its mask in the flat folder
+    expected["tile/anomalous/hole/7.png"] = "hole"
+    index = counter.next()
+    put(cat / "anomalous" / "flat.png", image_bytes(index))
+    put(cat / "masks" / "flat_mask.png", mask_bytes(index))
+    expected["tile/anomalous/flat.png"] = "anomalous"
+    put(cat / "masks" / "stray" / "0.png", mask_bytes(0))
+    return expected
+
+
 def build_visa_tree(root: Path, counter: Counter | None = None) -> None:
     counter = counter or Counter(800)
     lines = ["object,split,label,image,mask"]

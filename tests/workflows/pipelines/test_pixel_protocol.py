@@ -4,6 +4,8 @@
   masks); recomputed here with scikit-learn and an exact AUPRO from the saved float32 maps.
 - ResAD++'s default normalisation (per-level maximum over the evaluated set) is finished per category
   after scoring; its per-image scores equal the in-memory computation over the whole set.
+- Per defect type (the tiny data has two): that type's images against the category's normals, through
+  the scoring actor and through the set reduce.
 """
 
 from __future__ import annotations
@@ -103,6 +105,45 @@ def test_pixel_metrics_count_normal_images_as_zero_masks(local_ray, data_url, tm
     camera = result.per_category["labels/camera"]
     assert camera["P-AUROC"] is None and camera["not_defined"]["P-AUROC"] == NO_PIXEL_TRUTH
     assert camera["I-AUROC"] is not None
+    _check_per_defect_type(result, data_url, maps, scores)
+
+
+def _check_per_defect_type(result, data_url, maps, scores):
+    """Each defect type's metrics = that type's images against the category's normals, recomputed
+    with scikit-learn from the saved maps; kept in metrics.json."""
+    assert set(result.per_defect_type) == set(result.per_category)
+    for name, by_type in result.per_defect_type.items():
+        dataset, category = name.split("/")
+        rows = _test_rows(data_url, dataset, category)
+        types = {i: r["defect_type"] for i, r in _typed_rows(data_url, dataset, category).items()}
+        present = {types[i] for i in rows if rows[i]["label"] == 1}
+        assert sorted(by_type) == sorted(present) == ["bright", "dark"]
+        for defect, metrics in by_type.items():
+            ids = sorted(i for i in rows if rows[i]["label"] == 0 or types[i] == defect)
+            labels = np.array([rows[i]["label"] for i in ids])
+            i_auroc, i_ap, _ = sklearn_metrics(labels, np.array([scores[i] for i in ids], np.float32))
+            assert metrics["I-AUROC"] == pytest.approx(i_auroc, abs=1e-6), (name, defect)
+            assert metrics["I-AP"] == pytest.approx(i_ap, abs=1e-6), (name, defect)
+            assert metrics["counts"]["images"] == len(ids)
+            if dataset == "labels":
+                assert metrics["P-AUROC"] is None and metrics["not_defined"]["P-AUROC"] == NO_PIXEL_TRUTH
+                continue
+            pixel_ids = [i for i in ids if rows[i]["label"] == 0 or rows[i]["mask"] is not None]
+            stack = np.stack([maps[i] for i in pixel_ids]).astype(np.float32)
+            masks = np.stack([_mask(rows[i], stack.shape[-1], "res2clip") for i in pixel_ids])
+            p_auroc, p_ap, _ = sklearn_metrics(masks, stack)
+            assert metrics["P-AUROC"] == pytest.approx(p_auroc, abs=1e-6), (name, defect)
+            assert metrics["P-AP"] == pytest.approx(p_ap, abs=1e-6), (name, defect)
+            assert metrics["AUPRO@0.3"] == pytest.approx(exact_aupro(stack, masks), abs=1e-6), (name, defect)
+    saved = storage.read_json(storage.join(result.job_url, "metrics.json"))
+    assert saved["per_defect_type"] == result.per_defect_type
+
+
+def _typed_rows(data_url: str, dataset: str, category: str) -> dict[str, dict]:
+    table = read_table(data_url, columns=["image_id", "defect_type"],
+                       filters=[("dataset", "==", dataset), ("category", "==", category),
+                                ("split", "==", "test")])
+    return {r["image_id"]: r for r in table.to_pylist()}
 
 
 def test_resadpp_set_normalisation_is_finished_per_category(local_ray, data_url, tmp_path):
@@ -141,6 +182,18 @@ def test_resadpp_set_normalisation_is_finished_per_category(local_ray, data_url,
         got = np.array([pipeline[i]["image_score"] for i in ids], np.float32)
         assert np.abs(got - expected).max() < 1e-5, name
         assert result.per_category[name]["I-AUROC"] is not None
+        # the set-reduce path commits grouped states too: per defect type, its images against the normals
+        labels = np.array([rows[i]["label"] for i in ids])
+        types = _typed_rows(data_url, dataset, category)
+        for defect, metrics in result.per_defect_type[name].items():
+            chosen = [n for n, i in enumerate(ids) if labels[n] == 0 or types[i]["defect_type"] == defect]
+            i_auroc, _, _ = sklearn_metrics(labels[chosen], got[chosen])
+            assert metrics["I-AUROC"] == pytest.approx(i_auroc, abs=1e-6), (name, defect)
+        assert sorted(result.per_defect_type[name]) == ["bright", "dark"]
+    # reading the committed job restores the per-defect-type metrics
+    (again,) = run_evaluate(_config(tmp_path, data_url, "resadpp", RESADPP, "evaluate.shard_size=2",
+                                    "evaluate.batch_size=3"), progress=False)
+    assert again.per_defect_type == result.per_defect_type and again.per_category == result.per_category
 
 
 def _job_json(config, result):

@@ -1,5 +1,6 @@
 """A tiny dataset in the project's Parquet format: crops of real scikit-image photos, with pasted
-dark/bright squares as defects (masks) on test images; one dataset without masks."""
+dark/bright squares as defects (masks; defect types `dark`, `bright`) on test images; one dataset
+without masks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ TINY_LAYOUT = {
     "labels": ("g-photo", {"camera": "camera"}, False),
 }
 SIZE = 48
+DEFECT_TYPES = {True: "bright", False: "dark"}  # two defect types: bright or dark pasted squares
 # overrides for evaluating the tiny dataset quickly (64 px, one k, one seed, no MLflow)
 EVAL_BASE = ["backbone.image_size=64", "index.shots=[1]", "index.seeds=[0]", "tracking.enabled=false",
              "data.datasets=[textures,labels]"]
@@ -51,16 +53,18 @@ def tiny_rows(n_train: int = 4, n_normal: int = 3, n_anomalous: int = 3, seed: i
                 crop = image[top:top + SIZE, left:left + SIZE].copy()
                 split = "train" if i < n_train else "test"
                 label = 0 if i < n_train + n_normal else 1
-                mask = None
+                mask, defect_type = None, "good"
                 if label:
                     y, x = rng.integers(4, SIZE - 14, size=2)
-                    crop[y:y + 10, x:x + 10] = 255 if rng.random() < 0.5 else 0
+                    bright = rng.random() < 0.5
+                    crop[y:y + 10, x:x + 10] = 255 if bright else 0
+                    defect_type = DEFECT_TYPES[bright]
                     if has_masks:
                         mask_array = np.zeros((SIZE, SIZE), np.uint8)
                         mask_array[y:y + 10, x:x + 10] = 255
                         mask = _png(mask_array)
                 rows.append({"dataset": dataset, "category": category, "split": split, "label": label,
-                             "defect_type": "square" if label else "good", "image": _png(crop), "mask": mask,
+                             "defect_type": defect_type, "image": _png(crop), "mask": mask,
                              "width": SIZE, "height": SIZE, "source": f"{photo}/{i}.png"})
     for i in range(corrupt):  # truncated PNGs in a test split
         rows.append({"dataset": "textures", "category": "brick", "split": "test", "label": 1,
