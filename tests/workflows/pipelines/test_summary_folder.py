@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from workflows import storage
 from workflows.commands.log_results import targets
-from workflows.config import MethodConfig, RunConfig
+from workflows.config import DataConfig, MethodConfig, RunConfig
 from workflows.pipelines import summary_folder
 from workflows.pipelines.evaluate import EvalResult, EvalSpec
 from workflows.pipelines.summary_folder import (
@@ -32,7 +32,7 @@ def _job(output: str, seed: int, auroc: float) -> EvalResult:
 
 
 def _record(tmp_path):
-    config = RunConfig(output=str(tmp_path / "out"))
+    config = RunConfig(output=str(tmp_path / "out"), data=DataConfig(url=str(tmp_path / "data")))
     results = [_job(config.output, 0, 0.75), _job(config.output, 1, 0.25)]
     return config, results, evaluate_record(config, results, IDENTITY)
 
