@@ -147,8 +147,8 @@ def stored_eval_result(job_url: str) -> EvalResult:
     eval_spec = EvalSpec(tuple(spec.get("datasets", [])), method, spec.get("k_shot"), spec.get("seed"))
     result = EvalResult(eval_spec, job_url, saved["per_category"], saved["per_dataset"], counts,
                         saved.get("reference_ids", {}), resumed_shards=counts.get("shards", 0))
-    if saved.get("per_defect_type") and not hasattr(result, "per_defect_type"):
-        result.per_defect_type = saved["per_defect_type"]  # jobs scored with per-defect-type metrics
+    if saved.get("per_defect_type"):  # jobs scored with per-defect-type metrics
+        result.per_defect_type = saved["per_defect_type"]
     return result
 
 
