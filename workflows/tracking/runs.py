@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 STATS = ("mean", "std")
 # `kind` tag of a summary folder's parent run (nested evaluation runs are tagged `evaluate`)
 PARENT_KINDS = {"evaluate": "evaluations", "lodo": "lodo"}
+# what an evaluation run's `metrics.json` artifact holds (the same live and from storage)
+METRICS_FILE_KEYS = ("spec", "per_category", "per_dataset", "counts", "reference_ids")
 
 
 def _tags(kind: str, url: str, logged_from: bool, extra: dict | None = None) -> dict:
@@ -81,9 +83,10 @@ def log_evaluation_run(tracker: Tracker, result: EvalResult, *, context: dict | 
         tracker.metrics(eval_metrics(result.per_category, result.per_dataset, METRIC_NAMES, per_defect_type))
         tracker.metrics({"images": result.counts.get("images", 0),
                          "skipped_images": result.counts.get("skipped", 0)})
-        tracker.json({key: stored[key] for key in ("spec", "per_category", "per_dataset", "counts",
-                                                    "reference_ids") if key in stored}
-                     | ({"per_defect_type": per_defect_type} if per_defect_type else {}), "metrics.json")
+        metrics_file = {key: stored[key] for key in METRICS_FILE_KEYS}
+        if per_defect_type:
+            metrics_file["per_defect_type"] = per_defect_type
+        tracker.json(metrics_file, "metrics.json")
         if training is not None:
             tracker.json(training.contributions, "train_contributions.json")
         log_results_table(tracker, result.job_url)
