@@ -86,13 +86,14 @@ def test_mlflow_never_started_then_log_results_later(s3_ray, s3_data, mlflow_ser
     _no_password(printed.out + printed.err)
     (job_url,) = storage.list_urls(storage.join(output, "evaluate"))
     assert storage.is_committed(job_url)  # the results are safe on storage
+    (folder,) = storage.list_urls(storage.join(output, "evaluations"))  # and the summary folder
     warnings = [line for line in _lines(printed.err) if "MLflow" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: MLflow tracking failed at http://***@127")
-    assert warnings[0].endswith(f"`residual-ad log-results {job_url}`")
+    assert warnings[0].endswith(f"`residual-ad log-results {folder}`")
     saved = storage.read_json(storage.join(job_url, "metrics.json"))
 
     _real_server(monkeypatch, mlflow_server)
-    assert main(["log-results", job_url]) == 0
+    assert main(["log-results", folder]) == 0  # the parent run and the job's nested run
     printed = capfd.readouterr()
     assert "1 run(s) logged" in printed.out
     _no_password(printed.out + printed.err)
@@ -103,20 +104,21 @@ def test_mlflow_never_started_then_log_results_later(s3_ray, s3_data, mlflow_ser
     assert run.data.metrics["labels/I-AUROC"] == pytest.approx(auroc)
     assert run.data.metrics["images"] == saved["counts"]["images"]
     assert {"metrics.json", "results.parquet"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert main(["log-results", job_url]) == 0  # idempotent: nothing logged twice
+    assert main(["log-results", folder]) == 0  # idempotent: nothing logged twice
     assert "already logged" in capfd.readouterr().out
 
 
 def test_mlflow_gone_mid_run_then_log_results_adds_only_what_is_missing(s3_ray, s3_data, mlflow_server,
                                                                          monkeypatch, capfd):
     """The server goes away (a proxy in front of the real server starts refusing) exactly when the run
-    creates its second MLflow run: the first evaluation is logged, the second is not."""
+    creates its third MLflow run (the parent, then one nested run per evaluation): the first evaluation
+    is logged, the second is not."""
     from mlflow.tracking import MlflowClient
 
     output = s3_ray.unique_url("mlflow-gone")
     proxy = OutageProxy(int(mlflow_server.tracking_uri.rsplit(":", 1)[1]))
     try:
-        proxy.down_on(b"/runs/create", after=1)
+        proxy.down_on(b"/runs/create", after=2)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", _with_password(proxy.endpoint_url))
         capfd.readouterr()
         assert _evaluate(s3_data, output, "gone-mid-run", "index.seeds=[0,1]") == 0
@@ -125,8 +127,9 @@ def test_mlflow_gone_mid_run_then_log_results_adds_only_what_is_missing(s3_ray, 
     finally:
         proxy.close()
     _no_password(printed.out + printed.err)
+    (folder,) = storage.list_urls(storage.join(output, "evaluations"))
     warnings = [line for line in _lines(printed.err) if "MLflow" in line]
-    assert len(warnings) == 1 and warnings[0].endswith(f"`residual-ad log-results {output}`"), warnings
+    assert len(warnings) == 1 and warnings[0].endswith(f"`residual-ad log-results {folder}`"), warnings
     jobs = storage.list_urls(storage.join(output, "evaluate"))
     assert len(jobs) == 2 and all(storage.is_committed(job) for job in jobs)
 
@@ -144,7 +147,9 @@ def test_mlflow_gone_mid_run_then_log_results_adds_only_what_is_missing(s3_ray, 
     _real_server(monkeypatch, mlflow_server)
     assert main(["log-results", output]) == 0  # the output root: logs what is missing
     out = capfd.readouterr().out
-    assert f"already logged: {logged_before[0]}" in out and "1 run(s) logged" in out
+    # the unfinished parent again, with a nested run for the evaluation that was not logged
+    assert f"already logged: {logged_before[0]}" in out and f"logged summary: {folder}" in out
+    assert "1 run(s) logged" in out
     assert all(len(finished_runs_of(job)) == 1 for job in jobs)  # each job exactly once
 
 

@@ -1,4 +1,9 @@
-"""`residual-ad evaluate`: score the test split with a method x k x seed; metrics and per-image results."""
+"""`residual-ad evaluate`: score the test split with a method x k x seed; metrics and per-image results.
+
+Each (k, seed) is one job under `<output>/evaluate/<key>/`; the command then writes the summary folder
+`<output>/evaluations/<timestamp>/` (`config.yaml`, `summary.csv`, `summary.md`: mean ± std over seeds;
+`jobs.json`) and logs one parent MLflow run with a nested run per job (`workflows.tracking`).
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,12 @@ def run(args) -> int:
     from dataclasses import asdict
 
     from workflows.config import config_from_args
-    from workflows.pipelines.evaluate import METRIC_NAMES, run_evaluate
+    from workflows.pipelines.evaluate import run_evaluate
     from workflows.pipelines.models import probe_backbone
     from workflows.pipelines.ray_runtime import init_ray
-    from workflows.pipelines.summary import summary_rows, to_markdown
-    from workflows.reports.evaluation import log_evaluation_reports
-    from workflows.tracking import Tracker, eval_metrics, log_results_table
+    from workflows.pipelines.summary_folder import evaluate_record, write_summary_folder
+    from workflows.storage import redact
+    from workflows.tracking import Tracker, log_evaluate_parent
     from workflows.validate import validate_run
 
     config = config_from_args(args)
@@ -30,22 +35,15 @@ def run(args) -> int:
     if any(not r.completed for r in results):
         print("stopped early (evaluate.stop_after_shards); rerun to resume")
         return 0
+    record = evaluate_record(config, results, probe_backbone(asdict(config.backbone)).identity)
+    write_summary_folder(record, config)
     # MLflow failing from here on: one warning naming the log-results command, the command still succeeds
-    stored = results[0].job_url if len(results) == 1 else config.output
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=stored)
-    info = probe_backbone(asdict(config.backbone))
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=record.url)
+    log_evaluate_parent(tracker, record)
     for result in results:
         spec = result.spec
-        name = f"eval {'+'.join(spec.datasets)} {spec.method.name} k={spec.k_shot} seed={spec.seed}"
-        with tracker.run(name, tags={"kind": "evaluate"}):
-            tracker.params({"config": config.to_dict(), "k_shot": spec.k_shot, "seed": spec.seed,
-                            "backbone_identity": info.identity, "results_url": result.job_url,
-                            "reference_ids": result.reference_ids})
-            tracker.metrics(eval_metrics(result.per_category, result.per_dataset, METRIC_NAMES))
-            tracker.metrics({"images": result.counts["images"], "skipped_images": result.counts["skipped"]})
-            log_results_table(tracker, result.job_url)
-            log_evaluation_reports(tracker, result.job_url)  # curves/ and gallery/ PNGs
         print(f"{spec.method.name} k={spec.k_shot} seed={spec.seed}: {result.counts['images']} images, "
               f"{result.counts['skipped']} skipped -> {result.job_url}")
-    print(to_markdown(summary_rows(results)))
+    print(record.tables["summary.md"], end="")
+    print(f"summary: {redact(record.url)}")
     return 0

@@ -27,6 +27,7 @@ def run(args) -> int:
         train_on = ", ".join(fold.train_datasets) or "-"
         print(f"fold: hold out {fold.holdout} (group {fold.group}); train on {train_on}")
     print(outcome.markdown)
+    print(f"summary: {redact(outcome.summary_url)}")
     if config.tracking.enabled and outcome.run_id:
         print(f"MLflow run {outcome.run_id} in {redact(tracking_uri())}")
     return 0

@@ -1,17 +1,22 @@
 """`residual-ad log-results RUN_URL`: log results already on storage to MLflow, later.
 
 When the tracking server is down at the end of a run, the results are still committed on storage;
-this command logs them once it is back, from the stored files only (nothing is recomputed):
-- an evaluation job (`metrics.json` + `_SUCCESS`): one run with params, metrics, per-image results;
+this command logs them once it is back, from the stored files only (nothing is recomputed). It loads
+them into the objects the commands log and calls the same `workflows.tracking` function, so a run logged
+later has the params, metrics and artifacts the command would have logged:
+- an evaluation job (`metrics.json` + `_SUCCESS`): one run with params, metrics, per-image results, reports;
 - a scan output (`summary.json` + `_SUCCESS`): the scan run;
-- a lodo run folder (`summary.csv`): a parent run with the config and the summary table;
+- a summary folder of `evaluate` (`evaluations/<timestamp>/`) or `lodo` (`lodo/<timestamp>/`): the parent
+  run with the config and the summary tables, and a nested run per job listed in its `jobs.json`
+  (a lodo folder from before `jobs.json`: the parent only);
 - a training checkpoint (`train_log.json` + `_SUCCESS`): the training run (losses, contributions);
-- an output root: every committed evaluation job under `evaluate/`, every lodo folder under `lodo/` and
-  every checkpoint under `checkpoints/<method>/`.
+- an output root: every summary folder under `evaluations/` and `lodo/`, then every committed evaluation
+  job under `evaluate/` and every checkpoint under `checkpoints/<method>/` that no folder lists.
 A run logged this way is tagged `logged_from=<url>`; a URL is skipped when a run with that tag exists, or
 a FINISHED run that the original command logged with it (`results_url` / `checkpoint` / `scan.output`
-param), so logging an output root after a partly tracked run adds only what is missing. An MLflow error
-is this command's error (one line, exit code 1).
+param), so logging an output root after a partly tracked run adds only what is missing (inside a summary
+folder too: its jobs already logged are left out of the new parent). An MLflow error is this command's
+error (one line, exit code 1).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("log-results", help="log results stored on object storage to MLflow later")
     parser.add_argument("url", metavar="RUN_URL",
-                        help="an evaluation job, a scan output, a lodo run folder, or a run's output root")
+                        help="an evaluation job, a scan output, an evaluate or lodo summary folder, a "
+                             "checkpoint, or a run's output root")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the stored config's)")
     parser.add_argument("--force", action="store_true", help="log again even if already logged")
     parser.set_defaults(run=run)
@@ -28,13 +34,14 @@ def add_parser(subparsers) -> None:
 
 def _kind(url: str) -> str | None:
     from workflows import storage
+    from workflows.pipelines.summary_folder import is_summary_folder
 
     if storage.is_committed(url) and storage.exists(storage.join(url, "metrics.json")):
         return "evaluate"
     if storage.is_committed(url) and storage.exists(storage.join(url, "summary.json")):
         return "scan"
-    if storage.exists(storage.join(url, "summary.csv")):
-        return "lodo"
+    if is_summary_folder(url):
+        return "summary"
     if storage.is_committed(url) and storage.exists(storage.join(url, "train_log.json")):
         return "train"
     return None
@@ -49,7 +56,8 @@ def _config(url: str):
 
 
 # the param under which the original command logged a result's URL, by kind
-_URL_PARAMS = {"evaluate": "results_url", "train": "checkpoint", "scan": "`scan.output`"}
+_URL_PARAMS = {"evaluate": "results_url", "summary": "results_url", "train": "checkpoint",
+               "scan": "`scan.output`"}
 
 
 def _already_logged(tracker, kind: str, url: str) -> bool:
@@ -64,78 +72,73 @@ def _already_logged(tracker, kind: str, url: str) -> bool:
 
 
 def log_train(tracker, url: str) -> None:
-    """A committed checkpoint's training run, from its stored log (losses, contributions, references)."""
-    from workflows import storage
-    from workflows.pipelines.train import LOG_NAME
+    """A committed checkpoint's training run (`tracking.log_train_run`)."""
+    from workflows.pipelines.train import stored_train_identity, stored_train_result
+    from workflows.tracking import log_train_run
 
-    log = storage.read_json(storage.join(url, LOG_NAME))
-    marker = storage.read_json(storage.join(url, storage.SUCCESS_MARKER))
-    with tracker.run(f"train {marker.get('method', '?')} seed={marker.get('seed')}",
-                     tags={"kind": "train", "logged_from": storage.redact(url)}):
-        tracker.params({"checkpoint": url, **marker})
-        tracker.loss_history([(int(step), values) for step, values in log.get("losses", [])])
-        tracker.json(log.get("contributions", {}), "contributions.json")
-        tracker.json(log.get("reference_ids", {}), "reference_ids.json")
+    identity = stored_train_identity(url)
+    context = {"backbone_identity": identity} if identity else {}
+    log_train_run(tracker, stored_train_result(url), context=context, logged_from=True)
 
 
 def log_evaluation(tracker, url: str) -> None:
+    """A committed evaluation job as a top-level run (`tracking.log_evaluation_run`)."""
+    from workflows.pipelines.evaluate import stored_eval_result
+    from workflows.tracking import log_evaluation_run
+
+    log_evaluation_run(tracker, stored_eval_result(url), context={"config": _config(url).to_dict()},
+                       logged_from=True)
+
+
+def log_summary(tracker, url: str, force: bool = False) -> None:
+    """A summary folder's parent run with a nested run per listed job not already logged."""
     from workflows import storage
-    from workflows.pipelines.evaluate import METRIC_NAMES
-    from workflows.tracking import eval_metrics, log_results_table
+    from workflows.pipelines.summary_folder import load_summary_folder
+    from workflows.tracking import log_summary_folder
 
-    saved = storage.read_json(storage.join(url, "metrics.json"))
-    spec = saved.get("spec", {})
-    name = f"eval {'+'.join(spec.get('datasets', []))} {spec.get('method', {}).get('name', '?')} " \
-           f"k={spec.get('k_shot')} seed={spec.get('seed')}"
-    with tracker.run(name, tags={"kind": "evaluate", "logged_from": storage.redact(url)}):
-        tracker.params({"config": _config(url).to_dict(), "spec": spec, "results_url": url,
-                        "reference_ids": saved.get("reference_ids", {})})
-        tracker.metrics(eval_metrics(saved["per_category"], saved["per_dataset"], METRIC_NAMES))
-        counts = saved.get("counts", {})
-        tracker.metrics({"images": counts.get("images"), "skipped_images": counts.get("skipped")})
-        tracker.json(saved, "metrics.json")
-        log_results_table(tracker, url)
-
-
-def log_lodo(tracker, url: str) -> None:
-    from workflows import storage
-
-    with tracker.run(f"lodo {url.rstrip('/').rsplit('/', 1)[-1]}",
-                     tags={"kind": "lodo", "logged_from": storage.redact(url)}):
-        tracker.params({"config": _config(url).to_dict(), "results_url": url})
-        for name in ("summary.csv", "summary.md"):
-            target = storage.join(url, name)
-            if storage.exists(target):
-                tracker.text(storage.read_bytes(target).decode(), name)
+    record = load_summary_folder(url)
+    if not force:
+        for kind, entries, url_of in (("evaluate", record.evaluations, lambda e: e.result.job_url),
+                                      ("train", record.trainings, lambda e: e.result.checkpoint)):
+            done = [e for e in entries if _already_logged(tracker, kind, url_of(e))]
+            for entry in done:
+                print(f"already logged: {storage.redact(url_of(entry))}")
+                entries.remove(entry)
+    log_summary_folder(tracker, record, logged_from=True)
 
 
 def log_scan(tracker, url: str, config) -> None:
     """The same run `scan` logs, tagged with its URL."""
     from workflows import storage
-    from workflows.commands.scan import log_summary
+    from workflows.tracking import log_scan_run
 
     summary = storage.read_json(storage.join(url, "summary.json"))
-    log_summary(tracker, config, summary, tags={"logged_from": storage.redact(url)})
+    log_scan_run(tracker, config.to_dict(), summary, logged_from=url)
 
 
 def targets(url: str) -> list[tuple[str, str]]:
-    """(kind, url) of everything loggable at `url` (itself, or the jobs and runs under an output root)."""
+    """(kind, url) of everything loggable at `url` (itself, or the folders and jobs under an output root;
+    jobs listed by a summary folder are logged inside it)."""
     from workflows import storage
+    from workflows.pipelines.summary_folder import KIND_DIRS, listed_urls
 
     kind = _kind(url)
     if kind:
         return [(kind, url)]
-    found = []
-    bases = [storage.join(url, "evaluate"), storage.join(url, "lodo")]
+    found, listed = [], set()
+    for name in KIND_DIRS.values():
+        for child in sorted(storage.list_urls(storage.join(url, name))):
+            if _kind(child) == "summary":
+                found.append(("summary", child))
+                listed |= listed_urls(child)
+    bases = [storage.join(url, "evaluate")]
     checkpoints = storage.join(url, "checkpoints")
     if storage.exists(checkpoints):
         bases += storage.list_urls(checkpoints)  # checkpoints/<method>/<key>
     for base in bases:
-        if not storage.exists(base):
-            continue
         for child in sorted(storage.list_urls(base)):
             child_kind = _kind(child)
-            if child_kind:
+            if child_kind and child.rstrip("/") not in listed:
                 found.append((child_kind, child))
     return found
 
@@ -157,8 +160,8 @@ def run(args) -> int:
             continue
         if kind == "evaluate":
             log_evaluation(tracker, url)
-        elif kind == "lodo":
-            log_lodo(tracker, url)
+        elif kind == "summary":
+            log_summary(tracker, url, args.force)
         elif kind == "train":
             log_train(tracker, url)
         else:

@@ -78,19 +78,6 @@ def _options(args):
     )
 
 
-def log_summary(tracker, config, summary: dict, tags: dict | None = None) -> None:
-    """One MLflow run per scan: options, thresholds and counts (`log-results` logs the same run)."""
-    with tracker.run(f"scan {summary['options']['output']}", tags={"kind": "scan", **(tags or {})}):
-        thresholds = {c: e["threshold"] for c, e in summary["calibration"]["categories"].items()}
-        tracker.params({"config": config.to_dict(), "scan": summary["options"], "thresholds": thresholds})
-        metrics = {key: summary[key] for key in ("seen", "scored", "skipped", "flagged", "flagged_fraction")}
-        metrics["throughput_images_per_s"] = summary["throughput_images_per_s"]
-        for category, counts in summary["per_category"].items():
-            metrics.update({f"{key}/{category}": value for key, value in counts.items()})
-        tracker.metrics(metrics)
-        tracker.json(summary, "scan_summary.json")
-
-
 def run(args) -> int:
     from workflows import storage
     from workflows.config import config_from_args
@@ -109,10 +96,10 @@ def run(args) -> int:
     check_threshold_options(options, config)  # a bad thresholds file fails here, before Ray starts
     init_ray(config.ray_address)
     summary = run_scan(config, options, progress=not args.quiet)
-    from workflows.tracking import Tracker
+    from workflows.tracking import Tracker, log_scan_run
 
-    log_summary(Tracker(config.tracking.experiment, config.tracking.enabled, results_url=options.output),
-                config, summary)
+    log_scan_run(Tracker(config.tracking.experiment, config.tracking.enabled, results_url=options.output),
+                 config.to_dict(), summary)
     rate = summary["throughput_images_per_s"]
     print(f"scanned {summary['seen']} images: {summary['scored']} scored, {summary['skipped']} skipped, "
           f"{summary['flagged']} flagged ({summary['flagged_fraction']:.1%})"

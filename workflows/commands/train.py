@@ -18,7 +18,7 @@ def run(args) -> int:
     from workflows.pipelines.models import probe_backbone
     from workflows.pipelines.ray_runtime import init_ray
     from workflows.pipelines.train import run_train
-    from workflows.tracking import Tracker
+    from workflows.tracking import Tracker, log_train_run
     from workflows.validate import validate_run
 
     config = config_from_args(args)
@@ -29,12 +29,8 @@ def run(args) -> int:
     tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=stored)
     info = probe_backbone(asdict(config.backbone))
     for result in results:
-        with tracker.run(f"train {result.spec.method.name} seed={result.spec.seed}", tags={"kind": "train"}):
-            tracker.params({"config": config.to_dict(), "checkpoint": result.checkpoint,
-                            "backbone_identity": info.identity, "reused": result.reused})
-            tracker.loss_history(result.losses)
-            tracker.json(result.contributions, "contributions.json")
-            tracker.json(result.reference_ids, "reference_ids.json")
+        context = {"config": config.to_dict(), "backbone_identity": info.identity}
+        log_train_run(tracker, result, context=context)
         print(f"checkpoint: {result.checkpoint}{' (reused)' if result.reused else ''}")
         for dataset, entry in sorted(result.contributions.items()):
             pool = entry.get("train_normal_images", 0)

@@ -141,6 +141,20 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
     return results
 
 
+def stored_eval_result(job_url: str) -> EvalResult:
+    """The result of a committed job, from its `metrics.json` (what `log-results` logs)."""
+    saved = storage.read_json(storage.join(job_url, "metrics.json"))
+    spec = saved.get("spec", {})
+    method = MethodConfig(**spec.get("method", {"name": "?"}))
+    counts = saved.get("counts", {})
+    eval_spec = EvalSpec(tuple(spec.get("datasets", [])), method, spec.get("k_shot"), spec.get("seed"))
+    result = EvalResult(eval_spec, job_url, saved["per_category"], saved["per_dataset"], counts,
+                        saved.get("reference_ids", {}), resumed_shards=counts.get("shards", 0))
+    if saved.get("per_defect_type"):  # jobs scored with per-defect-type metrics
+        result.per_defect_type = saved["per_defect_type"]
+    return result
+
+
 def _partial(spec: EvalSpec, job: ScoringJob) -> EvalResult:
     done = ShardStore(job.job_url).done_ids()
     return EvalResult(spec, job.job_url, {}, {}, {"shards": len(done)}, completed=False)

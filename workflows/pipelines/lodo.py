@@ -1,22 +1,33 @@
 """`lodo`: leave-one-dataset-out. For each held-out dataset D: train on every dataset outside D's
 source group (trainable methods), evaluate on D for each method x k x seed; then the summary.
 
-All trainings run first (parallel Ray tasks); then all evaluations share one scoring pipeline.
+`run_lodo` is three steps: `plan_lodo` (folds, training and evaluation specs), `run_plan` (all
+trainings first as parallel Ray tasks, then all evaluations in one scoring pipeline) and `summarise`
+(the summary folder `<output>/lodo/<timestamp>/` and the parent MLflow run, `workflows.tracking`).
 Reruns reuse committed checkpoints and evaluations and resume interrupted ones.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
-from workflows import storage
-from workflows.config import MethodConfig, RunConfig, save_config
-from workflows.pipelines.evaluate import METRIC_NAMES, EvalResult, EvalSpec, run_evaluations
+from workflows.config import MethodConfig, RunConfig
+from workflows.pipelines.evaluate import EvalResult, EvalSpec, run_evaluations
 from workflows.pipelines.index import categories_of
 from workflows.pipelines.models import probe_backbone
-from workflows.pipelines.summary import summary_rows, to_csv, to_markdown
+from workflows.pipelines.summary import summary_rows
+from workflows.pipelines.summary_folder import (
+    EvalEntry,
+    SummaryRecord,
+    TrainEntry,
+    new_folder_url,
+    summary_tables,
+    write_summary_folder,
+)
 from workflows.pipelines.train import TrainResult, TrainSpec, run_trainings
+
+# per evaluation spec: the training whose checkpoint it evaluates (None: not trained here)
+TrainedBy = dict[EvalSpec, TrainResult | None]
 
 
 @dataclass
@@ -34,6 +45,21 @@ class LodoOutcome:
     rows: list[dict]
     markdown: str
     run_id: str | None = None
+    summary_url: str = ""
+
+
+@dataclass
+class LodoPlan:
+    """What a lodo run does: its folds, the trainings (keyed by fold, method, seed) and the evaluations
+    (each with the key of the training whose checkpoint it uses, or None)."""
+
+    datasets: list[str]
+    groups: dict[str, str]
+    folds: list[Fold]
+    backbone_identity: dict
+    train_specs: dict[tuple[str, str, int], TrainSpec] = field(default_factory=dict)
+    # (fold, method, seed, k) per evaluation
+    evaluations: list[tuple[Fold, MethodConfig, int, int]] = field(default_factory=list)
 
 
 def _find_groups(node, out: dict[str, str], parent_key: str | None = None) -> None:
@@ -94,10 +120,10 @@ def _is_trainable(method: MethodConfig, backbone) -> bool:
     return bool(create_method(method.name, backbone, **method.params).trainable)
 
 
-def run_lodo(config: RunConfig, *, progress: bool = True) -> LodoOutcome:
+def plan_lodo(config: RunConfig) -> LodoPlan:
+    """Folds by source group, one training per (fold, trainable method, seed), one evaluation per
+    (fold, method, seed, k)."""
     from workflows.pipelines.models import create_backbone_from_config
-    from workflows.reports.evaluation import log_evaluation_reports
-    from workflows.tracking import Tracker, eval_metrics, log_results_table
 
     datasets = config.data.datasets or sorted({d for d, _ in categories_of(config.data.url, None, None)})
     groups = source_groups(config, datasets)
@@ -106,8 +132,7 @@ def run_lodo(config: RunConfig, *, progress: bool = True) -> LodoOutcome:
     probe = create_backbone_from_config(asdict(config.backbone), "cpu")
     trainable = {m.name: _is_trainable(m, probe) for m in config.lodo.methods}
     del probe
-
-    train_specs: dict[tuple[str, str, int], TrainSpec] = {}
+    plan = LodoPlan(datasets, groups, folds, info.identity)
     for fold in folds:
         for method in config.lodo.methods:
             if not trainable[method.name] or method.checkpoint:
@@ -116,81 +141,72 @@ def run_lodo(config: RunConfig, *, progress: bool = True) -> LodoOutcome:
                 raise ValueError(
                     f"fold {fold.holdout}: no dataset outside source group {fold.group!r} to train on")
             for seed in config.index.seeds:
-                train_specs[(fold.holdout, method.name, seed)] = TrainSpec(fold.train_datasets, method, seed)
-    trainings = run_trainings(config, list(dict.fromkeys(train_specs.values())), progress=progress)
+                spec = TrainSpec(fold.train_datasets, method, seed)
+                plan.train_specs[(fold.holdout, method.name, seed)] = spec
+    plan.evaluations = [(fold, method, seed, k) for fold in folds for method in config.lodo.methods
+                        for seed in config.index.seeds for k in config.index.shots]
+    return plan
+
+
+def run_plan(config: RunConfig, plan: LodoPlan, *, progress: bool = True
+             ) -> tuple[list[TrainResult], list[EvalResult], TrainedBy]:
+    """All trainings (parallel Ray tasks), then every evaluation in one scoring pipeline; returns the
+    trainings, the evaluations and, per evaluation, the training it evaluates."""
+    trainings = run_trainings(config, list(dict.fromkeys(plan.train_specs.values())), progress=progress)
     by_spec = {result.spec: result for result in trainings}
-
     eval_specs, eval_train = [], {}
-    for fold in folds:
-        for method in config.lodo.methods:
-            for seed in config.index.seeds:
-                trained = train_specs.get((fold.holdout, method.name, seed))
-                used = replace(method, checkpoint=by_spec[trained].checkpoint) if trained else method
-                for k in config.index.shots:
-                    spec = EvalSpec((fold.holdout,), used, k, seed)
-                    eval_specs.append(spec)
-                    eval_train[spec] = by_spec[trained] if trained else None
+    for fold, method, seed, k in plan.evaluations:
+        trained = plan.train_specs.get((fold.holdout, method.name, seed))
+        used = replace(method, checkpoint=by_spec[trained].checkpoint) if trained else method
+        spec = EvalSpec((fold.holdout,), used, k, seed)
+        eval_specs.append(spec)
+        eval_train[spec] = by_spec[trained] if trained else None
     evaluations = run_evaluations(config, eval_specs, progress=progress)
+    return trainings, evaluations, eval_train
+
+
+def lodo_record(config: RunConfig, plan: LodoPlan, trainings: list[TrainResult],
+                evaluations: list[EvalResult], eval_train: TrainedBy) -> SummaryRecord:
+    """The summary folder's record: parent params, nested trainings and evaluations with their context."""
+    versions = dataset_version(config.data.url, plan.datasets)
+    identity = {"backbone_identity": plan.backbone_identity}
+    train_entries = []
+    for result in trainings:
+        holdouts = [h for (h, _, _), spec in plan.train_specs.items() if spec == result.spec]
+        train_entries.append(TrainEntry(result, f"(holdout {','.join(holdouts)})", dict(identity)))
+    eval_entries = []
+    for result in evaluations:
+        spec, trained = result.spec, eval_train.get(result.spec)
+        holdout = spec.datasets[0]
+        params = {"holdout": holdout, "method": spec.method.name, "method_params": spec.method.params,
+                  "checkpoint": spec.method.checkpoint or "", "dataset_version": versions.get(holdout, ""),
+                  "train_datasets": list(trained.spec.datasets) if trained else [], **identity}
+        tags = {"holdout": holdout, "method": spec.method.name}
+        eval_entries.append(EvalEntry(result, params, tags, trained))
+    return SummaryRecord(
+        kind="lodo", url=new_folder_url(config.output, "lodo"), name=f"lodo {'+'.join(plan.datasets)}",
+        config=config.to_dict(),
+        params={**identity, "source_groups": plan.groups, "folds": [asdict(f) for f in plan.folds],
+                "dataset_version": versions},
+        evaluations=eval_entries, trainings=train_entries, tables=summary_tables(evaluations))
+
+
+def summarise(config: RunConfig, plan: LodoPlan, trainings: list[TrainResult], evaluations: list[EvalResult],
+              eval_train: TrainedBy) -> LodoOutcome:
+    """Write the summary folder, then log the parent run with its nested runs."""
+    from workflows.tracking import Tracker, log_lodo_parent
+
+    record = lodo_record(config, plan, trainings, evaluations, eval_train)
+    write_summary_folder(record, config)
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=record.url)
+    run_id = log_lodo_parent(tracker, record)
     rows = summary_rows(evaluations)
-    markdown = to_markdown(rows)
-    outcome = LodoOutcome(folds, trainings, evaluations, rows, markdown)
+    return LodoOutcome(plan.folds, trainings, evaluations, rows, record.tables["summary.md"], run_id,
+                       record.url)
 
-    run_url = storage.join(config.output, "lodo", time.strftime("%Y%m%d-%H%M%S"))
-    save_config(config, storage.join(run_url, "config.yaml"))
-    storage.atomic_write_bytes(storage.join(run_url, "summary.csv"), to_csv(rows).encode())
-    storage.atomic_write_bytes(storage.join(run_url, "summary.md"), markdown.encode())
 
-    versions = dataset_version(config.data.url, datasets)
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=config.output)
-    with tracker.run(f"lodo {'+'.join(datasets)}", tags={"kind": "lodo"}) as parent:
-        tracker.params({"config": config.to_dict(), "backbone_identity": info.identity,
-                        "source_groups": groups, "folds": [asdict(f) for f in folds],
-                        "dataset_version": versions})
-        for result in trainings:
-            holdouts = [h for (h, m, s), spec in train_specs.items() if spec == result.spec]
-            with tracker.run(f"train {result.spec.method.name} seed={result.spec.seed} "
-                             f"(holdout {','.join(holdouts)})", nested=True, tags={"kind": "train"}):
-                tracker.params({"method": asdict(result.spec.method),
-                                "train_datasets": list(result.spec.datasets),
-                                "seed": result.spec.seed, "checkpoint": result.checkpoint,
-                                "backbone_identity": info.identity, "reused": result.reused})
-                tracker.loss_history(result.losses)
-                tracker.json(result.contributions, "contributions.json")
-                tracker.json(result.reference_ids, "reference_ids.json")
-        for result in evaluations:
-            spec = result.spec
-            trained = eval_train.get(spec)
-            with tracker.run(f"eval {spec.datasets[0]} {spec.method.name} k={spec.k_shot} seed={spec.seed}",
-                             nested=True, tags={"kind": "evaluate", "holdout": spec.datasets[0],
-                                                "method": spec.method.name}):
-                tracker.params({
-                    "holdout": spec.datasets[0], "method": spec.method.name,
-                    "method_params": spec.method.params,
-                    "k_shot": spec.k_shot, "seed": spec.seed, "checkpoint": spec.method.checkpoint or "",
-                    "dataset_version": versions.get(spec.datasets[0], ""),
-                    "train_datasets": list(trained.spec.datasets) if trained else [],
-                    "backbone_identity": info.identity, "results_url": result.job_url,
-                    "reference_ids": result.reference_ids,
-                })
-                tracker.metrics(eval_metrics(result.per_category, result.per_dataset, METRIC_NAMES))
-                tracker.metrics({"images": result.counts.get("images", 0),
-                                 "skipped_images": result.counts.get("skipped", 0)})
-                tracker.json({"per_category": result.per_category, "per_dataset": result.per_dataset,
-                              "counts": result.counts}, "metrics.json")
-                if trained:
-                    tracker.json(trained.contributions, "train_contributions.json")
-                log_results_table(tracker, result.job_url)
-                log_evaluation_reports(tracker, result.job_url)  # curves/ and gallery/ PNGs
-        parent_metrics = {}
-        for row in rows:
-            for metric in METRIC_NAMES:
-                for stat in ("mean", "std"):
-                    value = row[f"{metric}_{stat}"]
-                    if value is not None:
-                        key = f"{row['dataset']}/{row['method']}/k{row['k']}/{metric}_{stat}"
-                        parent_metrics[key.replace("@", "_")] = value
-        tracker.metrics(parent_metrics)
-        tracker.text(to_csv(rows), "summary.csv")
-        tracker.text(markdown, "summary.md")
-        outcome.run_id = parent.info.run_id if parent is not None else None
-    return outcome
+def run_lodo(config: RunConfig, *, progress: bool = True) -> LodoOutcome:
+    """Plan, run, summarise."""
+    plan = plan_lodo(config)
+    trainings, evaluations, eval_train = run_plan(config, plan, progress=progress)
+    return summarise(config, plan, trainings, evaluations, eval_train)

@@ -205,11 +205,13 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str, progress_queue=None
 
     method.fit(data, log)
     sender.flush()
-    record = {"losses": losses, "contributions": contributions, "reference_ids": references}
+    record = {"losses": losses, "contributions": contributions, "reference_ids": references,
+              "backbone_identity": info.identity}
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         method.save_checkpoint(tmp)
         storage.atomic_write_json(storage.join(url, LOG_NAME), record)
-        upload_dir(tmp, url, {"method": spec.method.name, "datasets": list(spec.datasets), "seed": spec.seed})
+        upload_dir(tmp, url, {"method": spec.method.name, "datasets": list(spec.datasets), "seed": spec.seed,
+                              "method_params": spec.method.params})
     return record
 
 
@@ -248,6 +250,21 @@ def run_trainings(config: RunConfig, specs: list[TrainSpec], *, progress: bool =
         results.append(TrainResult(spec, url, [(s, v) for s, v in log["losses"]], log["contributions"],
                                    log["reference_ids"], reused=url not in fresh))
     return results
+
+
+def stored_train_result(url: str) -> TrainResult:
+    """A committed checkpoint's training, from its marker and log (what `log-results` logs)."""
+    log = storage.read_json(storage.join(url, LOG_NAME))
+    marker = storage.read_json(storage.join(url, storage.SUCCESS_MARKER))
+    method = MethodConfig(marker.get("method", "?"), marker.get("method_params", {}))
+    spec = TrainSpec(tuple(marker.get("datasets", [])), method, marker.get("seed"))
+    return TrainResult(spec, url, [(int(step), values) for step, values in log.get("losses", [])],
+                       log.get("contributions", {}), log.get("reference_ids", {}), reused=True)
+
+
+def stored_train_identity(url: str) -> dict | None:
+    """The backbone identity a checkpoint was trained on (None for checkpoints older than the field)."""
+    return storage.read_json(storage.join(url, LOG_NAME)).get("backbone_identity")
 
 
 def run_train(config: RunConfig, *, progress: bool = True) -> list[TrainResult]:

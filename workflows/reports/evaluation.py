@@ -1,6 +1,7 @@
 """Reports of one evaluation job: per category ``curves/<stem>_roc.png``, ``curves/<stem>_pro.png``
-(when masks exist) and ``gallery/<stem>.png``; ``log_evaluation_reports`` logs them to the active
-MLflow run. ``<stem>`` is the category, prefixed by its dataset when two datasets share a category name.
+(when masks exist) and ``gallery/<stem>.png``, written to a local directory;
+``workflows.tracking.log_evaluation_reports`` logs them to the active MLflow run.
+``<stem>`` is the category, prefixed by its dataset when two datasets share a category name.
 
 Categories are handled one at a time, so the driver holds one category's merged metric state and at
 most one gallery's maps and images at once.
@@ -10,11 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
-from workflows import storage
 from workflows.pipelines.shards import Shard
 from workflows.reports import job_outputs
 from workflows.reports.curves import write_category_curves
@@ -153,23 +152,3 @@ def write_evaluation_reports(job_url: str, out_dir: str, *, per_group: int = 4) 
     return [write_category_reports(job_url, name, shards, out_dir, stems[name], title, per_group, scorers)
             for name, shards in grouped.items()]
 
-
-def log_evaluation_reports(tracker, job_url: str, *, per_group: int = 4) -> list[CategoryReport]:
-    """Write the job's reports to a temporary directory and log them as artifacts of the active run
-    (``curves/``, ``gallery/``; ``curves/<stem>_missing.txt`` says why a curve is absent). A failure is
-    a warning: pictures never fail an evaluation whose metrics are already logged."""
-    if not getattr(tracker, "enabled", False):
-        return []
-    try:
-        with tempfile.TemporaryDirectory(prefix="residual-ad-reports-") as tmp:
-            reports = write_evaluation_reports(job_url, tmp, per_group=per_group)
-            for report in reports:
-                if report.missing:
-                    lines = [f"{figure}: {reason}" for figure, reason in sorted(report.missing.items())]
-                    tracker.text("\n".join(lines) + "\n", f"curves/{report.stem}_missing.txt")
-                for artifact, path in report.files.items():
-                    tracker.file(path, os.path.dirname(artifact))
-            return reports
-    except Exception as exc:  # noqa: BLE001 - see docstring
-        warnings.warn(storage.redact(f"reports for {job_url}: {type(exc).__name__}: {exc}"), stacklevel=2)
-        return []

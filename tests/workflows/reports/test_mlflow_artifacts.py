@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 
 from tests.workflows.reports.fake_job import build_job
-from workflows.reports.evaluation import log_evaluation_reports
-from workflows.tracking import Tracker
+from workflows.tracking import Tracker, log_evaluation_reports
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:

@@ -1,9 +1,8 @@
-"""MLflow logging, from the driver only (workers return metrics; they never talk to MLflow).
+"""The MLflow client of residual-ad: `Tracker`, from the driver only (workers return metrics; they never
+talk to MLflow). What each kind of run logs is in `workflows.tracking.runs`.
 
 Tracking URI: MLFLOW_TRACKING_URI, else a sqlite store `mlflow.db` in the working directory, so a
-local run needs no server. Layout of a lodo run: one parent run; nested runs per training job and
-per (held-out dataset, method, k, seed) evaluation; mean/std over seeds and the summary table
-(CSV + Markdown) on the parent.
+local run needs no server.
 
 MLflow never fails a run whose results are committed on storage: the first MLflow error (server down,
 unreachable, failing) prints one warning line naming the `residual-ad log-results URL` command that logs
@@ -19,7 +18,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from contextlib import contextmanager
 
 from workflows import redaction
@@ -197,44 +195,3 @@ class Tracker:
             filter_string=filter_string, max_results=max_results, output_format="list"), default=[])
         return found or []
 
-
-def eval_metrics(per_category: dict[str, dict], per_dataset: dict[str, dict],
-                 metric_names) -> dict[str, float]:
-    """`<dataset>/<category>/<metric>` and `<dataset>/<metric>` metric keys (defined values only)."""
-    out = {}
-    for name, metrics in per_category.items():
-        dataset, category = name.split("/", 1)
-        for metric in metric_names:
-            if isinstance(metrics.get(metric), (int, float)):
-                out[metric_key(dataset, category, metric)] = metrics[metric]
-    for dataset, metrics in per_dataset.items():
-        for metric in metric_names:
-            if metrics.get(metric) is not None:
-                out[metric_key(dataset, metric)] = metrics[metric]
-    return out
-
-
-def log_results_table(tracker: Tracker, job_url: str, artifact_file: str = "results.parquet") -> None:
-    """Copy a job's per-image results (streamed shard by shard) into one Parquet artifact."""
-    if not tracker.enabled:
-        return
-    import io
-
-    import pyarrow.parquet as pq
-
-    from workflows import storage
-    from workflows.pipelines.commits import ShardStore
-
-    store = ShardStore(job_url)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, artifact_file)
-        writer = None
-        for sid in sorted(store.done_ids()):
-            data = storage.read_bytes(storage.join(job_url, "results", f"{sid}.parquet"))
-            table = pq.read_table(io.BytesIO(data))
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
-            writer.write_table(table.cast(writer.schema) if table.schema != writer.schema else table)
-        if writer is not None:
-            writer.close()
-            tracker.file(path)
