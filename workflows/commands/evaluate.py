@@ -46,4 +46,6 @@ def run(args) -> int:
               f"{result.counts['skipped']} skipped -> {result.job_url}")
     print(record.tables["summary.md"], end="")
     print(f"summary: {redact(record.url)}")
+    if "defect_types.md" in record.tables:
+        print(f"per defect type: {redact(record.url)}/defect_types.md")
     return 0

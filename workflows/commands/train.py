@@ -17,24 +17,25 @@ def run(args) -> int:
     from workflows.config import config_from_args
     from workflows.pipelines.models import probe_backbone
     from workflows.pipelines.ray_runtime import init_ray
-    from workflows.pipelines.train import run_train
-    from workflows.tracking import Tracker, log_train_run
+    from workflows.pipelines.train import run_train, train_spec
+    from workflows.tracking import Tracker, live_train_run, log_train_run
     from workflows.validate import validate_run
 
     config = config_from_args(args)
     validate_run(config, "train")  # bad config or inputs: one line, exit 2, before Ray
     init_ray(config.ray_address)
-    results = run_train(config)
-    stored = results[0].checkpoint if len(results) == 1 else config.output
-    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=stored)
     info = probe_backbone(asdict(config.backbone))
-    for result in results:
+    tracker = Tracker(config.tracking.experiment, config.tracking.enabled, results_url=config.output)
+    # the run is open while training runs: every step's losses reach MLflow as the task streams them
+    with live_train_run(tracker, train_spec(config)) as log_steps:
+        [result] = run_train(config, on_steps=lambda _spec, steps: log_steps(steps))
+        tracker.results_url = result.checkpoint
         context = {"config": config.to_dict(), "backbone_identity": info.identity}
-        log_train_run(tracker, result, context=context)
-        print(f"checkpoint: {result.checkpoint}{' (reused)' if result.reused else ''}")
-        for dataset, entry in sorted(result.contributions.items()):
-            pool = entry.get("train_normal_images", 0)
-            pool_text = f" + {pool} normal train images" if pool else ""
-            print(f"  {dataset}: {entry['images']} test images{pool_text} in {len(entry['categories'])} "
-                  f"categories, {entry['used_for']}")
+        log_train_run(tracker, result, context=context, live=True)
+    print(f"checkpoint: {result.checkpoint}{' (reused)' if result.reused else ''}")
+    for dataset, entry in sorted(result.contributions.items()):
+        pool = entry.get("train_normal_images", 0)
+        pool_text = f" + {pool} normal train images" if pool else ""
+        print(f"  {dataset}: {entry['images']} test images{pool_text} in {len(entry['categories'])} "
+              f"categories, {entry['used_for']}")
     return 0

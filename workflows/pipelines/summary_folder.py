@@ -1,12 +1,13 @@
-"""Summary folders: what a multi-job command (`evaluate`, `lodo`) leaves next to its jobs.
+"""Summary folders of `evaluate` and `lodo`.
 
 `<output>/evaluations/<timestamp>/` (evaluate) and `<output>/lodo/<timestamp>/` (lodo) hold
 `config.yaml`, the summary tables (`summary.csv`, `summary.md`: mean ± std over seeds per
-dataset/method/k; `SUMMARY_TABLES` lists the table builders, add one there to get another file) and
-`jobs.json` (the parent MLflow run's name and params, and the evaluation jobs and training checkpoints
-it summarises with the context of their nested runs). `SummaryRecord` is the same object whether built
-from live results or loaded from storage, so `workflows.tracking.log_summary_folder` logs the same
-parent/nested layout from the command and from `log-results`.
+dataset/method/k; `defect_types.csv`, `defect_types.md`: the same per category and defect type, where
+the results have defect types; `SUMMARY_TABLES` lists the table builders, add one there to get another
+file) and `jobs.json` (the parent MLflow run's name and params, and the evaluation jobs and training
+checkpoints it summarises with the context of their nested runs). `SummaryRecord` is the same object
+whether built from live results or loaded from storage, so `workflows.tracking.log_summary_folder`
+logs the same parent/nested layout from the command and from `log-results`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field
 from workflows import storage
 from workflows.config import RunConfig, load_config, save_config
 from workflows.pipelines.evaluate import EvalResult, stored_eval_result
-from workflows.pipelines.summary import summary_rows, to_csv, to_markdown
+from workflows.pipelines.summary import (
+    defect_type_rows,
+    defect_types_to_csv,
+    defect_types_to_markdown,
+    summary_rows,
+    to_csv,
+    to_markdown,
+)
 from workflows.pipelines.train import TrainResult, stored_train_result
 
 JOBS_FILE = "jobs.json"
@@ -33,7 +41,15 @@ def _mean_std_tables(results: list[EvalResult]) -> dict[str, str]:
 
 # table builders: evaluation results -> {file name: text}; every file lands in the folder and on the
 # parent MLflow run as an artifact
-SUMMARY_TABLES: list[Callable[[list[EvalResult]], dict[str, str]]] = [_mean_std_tables]
+def _defect_type_tables(results: list[EvalResult]) -> dict[str, str]:
+    """Per defect type (its images against the category's normals); none when no result has types."""
+    rows = defect_type_rows(results)
+    if not rows:
+        return {}
+    return {"defect_types.csv": defect_types_to_csv(rows), "defect_types.md": defect_types_to_markdown(rows)}
+
+
+SUMMARY_TABLES: list[Callable[[list[EvalResult]], dict[str, str]]] = [_mean_std_tables, _defect_type_tables]
 
 
 def summary_tables(results: list[EvalResult]) -> dict[str, str]:

@@ -267,9 +267,13 @@ def stored_train_identity(url: str) -> dict | None:
     return storage.read_json(storage.join(url, LOG_NAME)).get("backbone_identity")
 
 
-def run_train(config: RunConfig, *, progress: bool = True) -> list[TrainResult]:
-    """The `train` command: config.method on config.train.datasets (default: every dataset)."""
+def train_spec(config: RunConfig) -> TrainSpec:
+    """The `train` command's job: config.method on config.train.datasets (default: every dataset)."""
     datasets = config.train.datasets or config.data.datasets or sorted(
         {d for d, _ in categories_of(config.data.url, None, None)})
-    return run_trainings(config, [TrainSpec(tuple(datasets), config.method, config.train.seed)],
-                         progress=progress)
+    return TrainSpec(tuple(datasets), config.method, config.train.seed)
+
+
+def run_train(config: RunConfig, *, progress: bool = True, on_steps=None) -> list[TrainResult]:
+    """The `train` command's training (`train_spec`); `on_steps` as in `run_trainings`."""
+    return run_trainings(config, [train_spec(config)], progress=progress, on_steps=on_steps)

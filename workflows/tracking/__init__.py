@@ -15,6 +15,7 @@ from workflows.tracking.client import (
 )
 from workflows.tracking.runs import (
     eval_run_name,
+    live_train_run,
     log_evaluate_parent,
     log_evaluation_run,
     log_lodo_parent,
@@ -22,11 +23,12 @@ from workflows.tracking.runs import (
     log_summary_folder,
     log_train_run,
     summary_metrics,
+    train_run_name,
 )
 
 __all__ = [
     "MAX_PARAM_CHARS", "REQUEST_BOUNDS", "Tracker", "TrackingError", "bound_requests", "eval_metrics",
-    "eval_run_name", "flatten", "log_evaluate_parent", "log_evaluation_reports", "log_evaluation_run",
-    "log_lodo_parent", "log_results_table", "log_scan_run", "log_summary_folder", "log_train_run",
-    "metric_key", "summary_metrics", "tracking_uri",
+    "eval_run_name", "flatten", "live_train_run", "log_evaluate_parent", "log_evaluation_reports",
+    "log_evaluation_run", "log_lodo_parent", "log_results_table", "log_scan_run", "log_summary_folder",
+    "log_train_run", "metric_key", "summary_metrics", "tracking_uri", "train_run_name",
 ]

@@ -21,6 +21,7 @@ Layouts:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -47,18 +48,41 @@ def _tags(kind: str, url: str, logged_from: bool, extra: dict | None = None) -> 
     return tags
 
 
+def train_run_name(spec, label: str = "") -> str:
+    return f"train {spec.method.name} seed={spec.seed}" + (f" {label}" if label else "")
+
+
 def log_train_run(tracker: Tracker, result: TrainResult, *, context: dict | None = None, label: str = "",
-                  nested: bool = False, logged_from: bool = False) -> None:
-    """One training job; `context`: params shared with the command (config, backbone identity)."""
+                  nested: bool = False, logged_from: bool = False, live: bool = False) -> None:
+    """One training job; `context`: params shared with the command (config, backbone identity).
+    `live=True`: complete the run `live_train_run` opened (its steps were logged while training ran;
+    a reused checkpoint streamed none, so its stored losses are logged here)."""
     spec = result.spec
-    name = f"train {spec.method.name} seed={spec.seed}" + (f" {label}" if label else "")
-    with tracker.run(name, nested=nested, tags=_tags("train", result.checkpoint, logged_from)):
+
+    def log() -> None:
         tracker.params({**(context or {}), "method": asdict(spec.method),
                         "train_datasets": list(spec.datasets), "seed": spec.seed,
                         "checkpoint": result.checkpoint, "reused": result.reused})
-        tracker.loss_history(result.losses)
+        if not live or result.reused:
+            tracker.loss_history(result.losses)
         tracker.json(result.contributions, "contributions.json")
         tracker.json(result.reference_ids, "reference_ids.json")
+
+    if live:
+        log()
+        return
+    with tracker.run(train_run_name(spec, label), nested=nested,
+                     tags=_tags("train", result.checkpoint, logged_from)):
+        log()
+
+
+@contextmanager
+def live_train_run(tracker: Tracker, spec):
+    """A training run opened before its training starts; yields `on_steps(steps)`, which logs each batch
+    of steps (`train/<loss>` at its step) as the task streams them. Finish it with
+    `log_train_run(..., live=True)` inside the block; a failing training ends the run FAILED."""
+    with tracker.run(train_run_name(spec), tags=_tags("train", "", False)):
+        yield tracker.loss_history
 
 
 def eval_run_name(result: EvalResult) -> str:

@@ -109,3 +109,27 @@ def test_evaluate_parent_nested_summary_and_log_results(ray_with_mlflow, tmp_pat
     assert main(["log-results", output, "--experiment", "evaluate-layout-later"]) == 0
     out = capsys.readouterr().out
     assert f"already logged: {folder}" in out and "0 run(s) logged" in out
+
+
+def test_train_logs_every_step_to_the_run_open_while_training(ray_with_mlflow, tmp_path):
+    """`train`: the MLflow run is open while the task trains and gets every step's loss terms as they
+    stream in; then params and artifacts complete it (one run, FINISHED)."""
+    from mlflow.tracking import MlflowClient
+
+    data = write_tiny(str(tmp_path / "data"), n_train=5, n_normal=2, n_anomalous=2)
+    params = {"epochs": 2, "first_stage_epochs": 1, "batch_size": 4, "coupling_layers": 1,
+              "num_embeddings": 16, "pos_embed_dim": 8}
+    args = [f"--set={item}" for item in (
+        f"data.url={data}", f"output={tmp_path / 'out'}", "backbone.image_size=64", "method.name=resadpp",
+        "train.datasets=[textures]", "tracking.experiment=train-live", "train.ref_shot=2",
+        *(f"method.params.{key}={value}" for key, value in params.items()))]
+    assert main(["train", *args]) == 0
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("train-live").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "train"
+    history = client.get_metric_history(run.info.run_id, "train/loss_occ")
+    # textures: 2 categories x 5 train images (stage 1: 2 batches of 4), + 8 test images (stage 2: 4)
+    assert sorted(m.step for m in history) == list(range(1, 7))
+    log = storage.read_json(storage.join(run.data.params["checkpoint"], "train_log.json"))
+    streamed = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert streamed == [values["loss_occ"] for _, values in log["losses"]]
