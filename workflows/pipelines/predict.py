@@ -230,7 +230,8 @@ def write_outputs(options: PredictOptions, images: list[LoadedImage], scores: Lo
         verdict = "" if anomalous is None else (
             f" · {'anomalous' if anomalous else 'normal'} (threshold {options.threshold:g})")
         caption = [f"score {float(score):.4g}{verdict}", item.key]
-        png = overlay_png(preset.display(item.image, size), np.asarray(amap), limits, caption)
+        png = overlay_png(preset.display(item.image, size), np.asarray(amap), limits, caption,
+                          marker=options.threshold)
         url = storage.join(options.output, name)
         storage.atomic_write_bytes(url, png)
         predictions.append(Prediction(item.key, item.image_id, float(score), anomalous, url))
