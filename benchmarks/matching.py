@@ -16,6 +16,7 @@ noise); queries are fresh draws from the same distribution, like patches of othe
     .venv/bin/python benchmarks/matching.py                 # the RESULTS.md run
     .venv/bin/python benchmarks/matching.py --exact-sizes 1000 --dims 24 --tables exact   # quick
     .venv/bin/python benchmarks/matching.py --tables retrieval --sizes 1000 10000 --queries 500
+    .venv/bin/python benchmarks/matching.py --tables exact --gpu     # + FAISS-GPU flat, torch on cuda
 """
 
 from __future__ import annotations
@@ -96,8 +97,29 @@ def interleaved_best(functions: dict, repeats: int) -> dict:
     return best
 
 
-def exact_table(sizes, dims, ks, work, max_queries, repeats, hnsw_max_size, ivf_max_size, seed):
-    """Top-1 / top-k at few-shot bank sizes: dense torch, blocked exact search, FAISS flat / IVF / HNSW."""
+def gpu_functions(flat, bank: torch.Tensor, queries: torch.Tensor, k: int) -> dict:
+    """The exact searches on the GPU (`--gpu`): FAISS flat moved there, the blocked torch search on cuda
+    (synchronised, so a timing covers the work)."""
+    if not faiss_index.gpu_available() or not torch.cuda.is_available():
+        raise SystemExit("--gpu: needs a CUDA device and a GPU build of FAISS (pip install -e '.[gpu]')")
+    on_gpu = faiss_index.to_device(flat, "cuda")
+    bank_cuda, queries_cuda = bank.cuda(), queries.cuda()
+
+    def synced(run):
+        def timed():
+            out = run()
+            torch.cuda.synchronize()
+            return out
+        return timed
+
+    return {"faiss flat gpu": functools.partial(faiss_index.search, on_gpu, queries, k),
+            "blocked torch cuda": synced(functools.partial(knn.exact_search, queries_cuda, bank_cuda, k,
+                                                           backend="torch"))}
+
+
+def exact_table(sizes, dims, ks, work, max_queries, repeats, hnsw_max_size, ivf_max_size, seed, gpu=False):
+    """Top-1 / top-k at few-shot bank sizes: dense torch, blocked exact search, FAISS flat / IVF / HNSW;
+    with `gpu` also FAISS flat on the GPU and the blocked torch search on cuda."""
     rows = []
     for dim in dims:
         distribution = PatchDistribution(seed, dim)
@@ -117,7 +139,9 @@ def exact_table(sizes, dims, ks, work, max_queries, repeats, hnsw_max_size, ivf_
                     "faiss knn": functools.partial(knn.exact_search, queries, bank, k, backend="faiss"),
                     "faiss flat": functools.partial(faiss_index.search, flat, queries, k),
                 }
-                results = {name: run()[1] for name, run in functions.items() if name != "torch dense"}
+                if gpu:
+                    functions.update(gpu_functions(flat, bank, queries, k))
+                results = {name: run()[1].cpu() for name, run in functions.items() if name != "torch dense"}
                 builds = dict.fromkeys(functions, 0.0) | {"faiss flat": flat_build}
                 if k == 1:
                     specs = [("ivf", ivf_spec(size))] if size <= ivf_max_size else []
@@ -346,6 +370,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=37)
     parser.add_argument("--strategy-images", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu", action="store_true",
+                        help="exact table: also FAISS flat on the GPU and the blocked torch search on cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -364,6 +390,7 @@ def main() -> None:
             args.hnsw_max_size,
             args.ivf_max_size,
             args.seed,
+            gpu=args.gpu,
         )
     retrieval = []
     if "retrieval" in args.tables:

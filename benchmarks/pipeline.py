@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpus", type=int, default=None)
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2],
+                        help="evaluate pipeline runs with these actor counts (on a GPU: one actor per GPU)")
     parser.add_argument("--method-only", action="store_true",
                         help="in-memory method.score vs bare forward only (no Ray, no pipeline)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 4], help="--method-only: bank shots")
@@ -323,7 +325,7 @@ def main() -> None:
                                        with_method=True)
         print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
         print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
-        for actors in (1, 2):
+        for actors in args.actors:
             rate = _pipeline(config, actors)
             share = 100 * rate / bare
             print(f"evaluate pipeline, {actors} actor(s): {rate:8.1f} images/s  ({share:5.1f}% of bare)")
