@@ -6,6 +6,8 @@ To stay under ~15 minutes on a 2-core machine the demo uses one seed, 96 px imag
 (Res2CLIP visual adapters: 1 epoch; ResAD++: 1 epoch; at most 16 images per auxiliary category) and
 Res2CLIP's FAISS candidate path for matching (same strategy, `sparse_radial_knn`). The full protocol's
 defaults (3 seeds, the authors' epochs) are what `residual-ad lodo` runs without these overrides.
+What the demo's trained methods are: ResAD++'s one epoch at the authors' lr 1e-5 moves no loss (it gains
+only BatchNorm and boundary statistics; docs/methods/resadpp.md), Res2CLIP's adapters get one epoch.
 """
 
 from __future__ import annotations
