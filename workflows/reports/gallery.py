@@ -33,19 +33,25 @@ class GalleryTile:
     caption: str
 
 
-def shared_map_range(tiles: list[GalleryTile]) -> tuple[float, float] | None:
-    """(low, high) colour limits over every shown map (1st-99th percentile: one hot pixel does not wash
-    out the rest); None when no tile has a map."""
-    values = [t.anomaly_map[np.isfinite(t.anomaly_map)].ravel() for t in tiles if t.anomaly_map is not None]
+def map_range(maps: list[np.ndarray | None], low_percentile: float,
+              high_percentile: float) -> tuple[float, float] | None:
+    """(low, high) colour limits at two percentiles of every finite value of `maps` (one hot pixel does
+    not wash out the rest); the min/max when those coincide; None when there is no value."""
+    values = [m[np.isfinite(m)].ravel() for m in (np.asarray(m, np.float64) for m in maps if m is not None)]
     values = [v for v in values if v.size]
     if not values:
         return None
-    merged = np.concatenate(values).astype(np.float64)
-    low, high = np.percentile(merged, [1.0, 99.0])
+    merged = np.concatenate(values)
+    low, high = np.percentile(merged, [low_percentile, high_percentile])
     if high <= low:
         low, high = float(merged.min()), float(merged.max())
         high = high if high > low else low + 1.0
     return float(low), float(high)
+
+
+def shared_map_range(tiles: list[GalleryTile]) -> tuple[float, float] | None:
+    """(low, high) colour limits over every shown map (1st-99th percentile); None when no tile has a map."""
+    return map_range([t.anomaly_map for t in tiles], 1.0, 99.0)
 
 
 def overlay_rgba(anomaly_map: np.ndarray, limits: tuple[float, float], opaque: bool = False,

@@ -16,7 +16,7 @@ import io
 
 import numpy as np
 
-from workflows.reports.gallery import CMAP, GalleryTile, compose_tile
+from workflows.reports.gallery import CMAP, GalleryTile, compose_tile, map_range
 
 MIN_SIDE_PX = 256  # overlays of 64-px model inputs are scaled up to this (bilinear)
 LINE_PX = 14  # one caption line
@@ -50,16 +50,8 @@ HIGH_PERCENTILE = 99.5  # predict: the top of the scale (one hot pixel does not 
 
 def run_map_limits(maps: list[np.ndarray]) -> tuple[float, float]:
     """(low, high) of one colour scale over every map of a run (`predict`): low = the median value (the
-    floor below which the map is not drawn), high = the 99.5th percentile."""
-    finite = [np.asarray(m, np.float64)[np.isfinite(m)].ravel() for m in maps]
-    values = np.concatenate(finite) if finite else np.zeros(0)
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(values, [FLOOR_PERCENTILE, HIGH_PERCENTILE])
-    if high <= low:
-        low, high = float(values.min()), float(values.max())
-        high = high if high > low else low + 1.0
-    return float(low), float(high)
+    floor below which the map is not drawn), high = the 99.5th percentile; (0, 1) without a value."""
+    return map_range(list(maps), FLOOR_PERCENTILE, HIGH_PERCENTILE) or (0.0, 1.0)
 
 
 def display_image(normalised: np.ndarray, mean, std) -> np.ndarray:
