@@ -144,8 +144,16 @@ class ShortSideCropPil(Preprocess):
         left, top = self.crop_origin(resized.size, size)
         return resized.crop((left, top, left + size, top + size))
 
+    IMAGE_RESAMPLE = Image.Resampling.BICUBIC
+    MASK_RESAMPLE = Image.Resampling.NEAREST
+
+    @staticmethod
+    def mask_pixels(resampled: np.ndarray) -> np.ndarray:
+        """Which resampled mask pixels count as anomalous (ResAD: nonzero)."""
+        return resampled != 0
+
     def pixels(self, image: Image.Image, size: int) -> Image.Image:
-        return self._geometry(image, size, Image.Resampling.BICUBIC)
+        return self._geometry(image, size, self.IMAGE_RESAMPLE)
 
     def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
         import torch
@@ -153,8 +161,8 @@ class ShortSideCropPil(Preprocess):
         size = _check_size(size)
         if mask is None:
             return torch.zeros(1, size, size)
-        cropped = self._geometry(_mask_image(mask), size, Image.Resampling.NEAREST)
-        return torch.from_numpy(np.asarray(cropped) != 0).float()[None]
+        cropped = self._geometry(_mask_image(mask), size, self.MASK_RESAMPLE)
+        return torch.from_numpy(self.mask_pixels(np.asarray(cropped))).float()[None]
 
 
 class PatchCorePil(ShortSideCropPil):
@@ -169,17 +177,12 @@ class PatchCorePil(ShortSideCropPil):
     def short_side(self, size: int) -> int:
         return int(round(size * self.RESIZE / self.IMAGESIZE))  # never a .5 tie: 8S/7 is not n + 1/2
 
-    def pixels(self, image: Image.Image, size: int) -> Image.Image:
-        return self._geometry(image, size, Image.Resampling.BILINEAR)
+    IMAGE_RESAMPLE = Image.Resampling.BILINEAR
+    MASK_RESAMPLE = Image.Resampling.BILINEAR
 
-    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
-        import torch
-
-        size = _check_size(size)
-        if mask is None:
-            return torch.zeros(1, size, size)
-        cropped = self._geometry(_mask_image(mask), size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(cropped) == 255).float()[None]
+    @staticmethod
+    def mask_pixels(resampled: np.ndarray) -> np.ndarray:
+        return resampled == 255  # their `astype(int)` of the ToTensor mask: only full 255 counts
 
 
 class TorchBicubic(Preprocess):
