@@ -6,27 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from residual_core.backbones import BackboneFeatures
 from residual_core.matching.knn import BlockShape
 from residual_core.methods import create_method
 from residual_core.methods.base import MethodError
 from residual_core.methods.baseline import nearest_residual_norm
-
-
-class GridBackbone(torch.nn.Module):
-    """Patch features = 2x2-pooled pixels (layer 0) and 4x4-pooled pixels (layer 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward_features(self, images):
-        tokens, grids = [], []
-        for pool in (2, 4):
-            pooled = F.avg_pool2d(images, pool)
-            grids.append(tuple(pooled.shape[-2:]))
-            tokens.append(pooled.flatten(2).transpose(1, 2) + 1.0)
-        return BackboneFeatures(patch_tokens=tokens, grids=grids, global_embedding=None)
+from tests.residual_core.methods.pooled_pixels import PooledPixels
 
 
 class FakeBank:
@@ -67,7 +51,7 @@ def test_nearest_residual_norm_equals_the_dense_path(normalize):
 
 def test_baseline_scores_zero_on_references_and_flags_the_defect():
     torch.manual_seed(0)
-    backbone = GridBackbone()
+    backbone = PooledPixels()
     method = create_method("baseline", backbone)
     assert method.trainable is False
     assert method.config_dict() == {"normalize": True, "preprocess": "res2clip"}

@@ -12,32 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from residual_core.backbones import BackboneFeatures
-from residual_core.backbones.base import BackboneIdentity
 from residual_core.bank import build_bank, coreset_bank
 from residual_core.methods import MethodError, create_method, method_preprocess
 from residual_core.methods.patchcore import PatchCore, PatchCoreConfig
 from residual_core.methods.patchcore import method as patchcore_method
 from residual_core.methods.patchcore.features import bank_layer_maps, patch_embeddings
 from residual_core.methods.patchcore.scoring import anomaly_maps, nearest_neighbours, reweighting
-
-
-class PooledPixels(torch.nn.Module):
-    """Patch features = 2x2-pooled pixels (layer 0, 16x16 grid at 32 px) and 4x4-pooled pixels (layer 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.identity = BackboneIdentity(name="pooled-pixels", weights_sha256="", layers=(0, 1),
-                                         image_size=32)
-
-    def forward_features(self, images):
-        tokens, grids = [], []
-        for pool in (2, 4):
-            pooled = F.avg_pool2d(images, pool)
-            grids.append(tuple(pooled.shape[-2:]))
-            tokens.append(pooled.flatten(2).transpose(1, 2) + 1.0)
-        return BackboneFeatures(patch_tokens=tokens, grids=grids, global_embedding=None)
+from tests.residual_core.methods.pooled_pixels import PooledPixels
 
 
 def _textures(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
