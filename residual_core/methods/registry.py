@@ -8,17 +8,23 @@ from residual_core.methods.base import AnomalyMethod, MethodError
 
 _BUILDERS: dict[str, Callable[..., AnomalyMethod]] = {}
 _PREPROCESS: dict[str, Callable[[dict], str]] = {}
+_SEEDED: dict[str, Callable[[dict, int], dict]] = {}
 
 
-def register_method(name: str, *, preprocess: Callable[[dict], str]):
+def register_method(name: str, *, preprocess: Callable[[dict], str],
+                    seeded: Callable[[dict, int], dict] | None = None):
     """Decorator: register a builder `f(backbone, **config) -> AnomalyMethod` under `name`.
 
     `preprocess(config) -> str` names the `residual_core.preprocess` preset the method declares with
-    those keyword hyper-parameters (its config's `preprocess` field), without building anything."""
+    those keyword hyper-parameters (its config's `preprocess` field), without building anything.
+    `seeded(config, run_seed) -> config` (trainable methods with a seed of their own) gives the
+    hyper-parameters of the training for `run_seed`."""
 
     def wrap(builder):
         _BUILDERS[name] = builder
         _PREPROCESS[name] = preprocess
+        if seeded is not None:
+            _SEEDED[name] = seeded
         return builder
 
     return wrap
@@ -49,6 +55,15 @@ def method_preprocess(name: str, params: dict | None = None) -> str:
     if name not in _PREPROCESS:
         raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(_BUILDERS))}")
     return _PREPROCESS[name](dict(params or {}))
+
+
+def seeded_params(name: str, params: dict, run_seed: int) -> dict:
+    """The keyword hyper-parameters of method `name` trained for `run_seed`: a method's own seed
+    (initialisation, shuffling) becomes its default + `run_seed` unless `params` fix it, so seed 0 keeps
+    the authors' seed and seeds 0, 1, 2 are three trainings. Methods without a seed: `params` as given."""
+    _load_builtin_methods()
+    hook = _SEEDED.get(name)
+    return hook(dict(params), int(run_seed)) if hook is not None and run_seed else dict(params)
 
 
 def create_method(name: str, backbone, **config) -> AnomalyMethod:

@@ -180,9 +180,11 @@ def train_task(config_dict: dict, spec: TrainSpec, url: str, progress_queue=None
     device = resolve_device(config.device)
     backbone = create_backbone_from_config(asdict(config.backbone), device).eval()
     info = backbone_info(backbone)
-    from residual_core.methods import create_method
+    from residual_core.methods.registry import create_method, seeded_params
 
-    method = create_method(spec.method.name, backbone, **spec.method.params).to(device)
+    # seeds 0, 1, 2 are three trainings (initialisation and shuffling), not one training three times
+    params = seeded_params(spec.method.name, spec.method.params, spec.seed)
+    method = create_method(spec.method.name, backbone, **params).to(device)
     data, contributions, references = load_train_data(config, spec.datasets, spec.seed, info,
                                                       method_preprocess(spec.method),
                                                       normal_pool=method.uses_normal_pool)

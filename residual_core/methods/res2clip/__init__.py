@@ -43,7 +43,16 @@ def res2clip_preprocess(params: dict) -> str:
     return default_config(mode, **params).preprocess
 
 
-@register_method("res2clip", preprocess=res2clip_preprocess)
+def res2clip_seeded(params: dict, run_seed: int) -> dict:
+    """`params` for training seed `run_seed`: the adapters' training seed (train.seed, 111) + run_seed."""
+    train = dict(params.get("train") or {})
+    if "seed" not in train:
+        train["seed"] = TrainConfig().seed + run_seed
+        params["train"] = train
+    return params
+
+
+@register_method("res2clip", preprocess=res2clip_preprocess, seeded=res2clip_seeded)
 def build_res2clip(backbone, **config) -> Res2Clip:
     """Builder for the registry: `mode` picks the authors' defaults, other keys override them.
 

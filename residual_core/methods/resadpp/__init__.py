@@ -12,7 +12,14 @@ def resadpp_preprocess(params: dict) -> str:
     return make_config(**params).preprocess
 
 
-@register_method("resadpp", preprocess=resadpp_preprocess)
+def resadpp_seeded(params: dict, run_seed: int) -> dict:
+    """`params` for training seed `run_seed`: the config's seed (42 by default) + run_seed."""
+    if "seed" not in params:
+        params["seed"] = make_config(**params).seed + run_seed
+    return params
+
+
+@register_method("resadpp", preprocess=resadpp_preprocess, seeded=resadpp_seeded)
 def build_resadpp(backbone, **config) -> ResADpp:
     """Registry builder: `create_method("resadpp", backbone, preset="cnn", epochs=..., ...)`."""
     return ResADpp(backbone, make_config(**config))

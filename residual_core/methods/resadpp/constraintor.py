@@ -59,12 +59,17 @@ class MlpSeProjector(nn.Module):
         return tokens.permute(0, 2, 1).reshape(b, c, h, w)
 
 
+def _identity(channels: int) -> nn.Module:
+    """The "none" constraintor (ablation): residuals pass unchanged, nothing to train."""
+    return nn.Identity()
+
+
 class MultiLevelConstraintor(nn.Module):
     """One independent projector per feature level (MultiScaleConv / MultiScaleOrthogonalProjector)."""
 
     def __init__(self, channels: Sequence[int], kind: str = "conv") -> None:
         super().__init__()
-        block = {"conv": ConvBnAct, "mlp_se": MlpSeProjector}[kind]
+        block = {"conv": ConvBnAct, "mlp_se": MlpSeProjector, "none": _identity}[kind]
         self.levels = nn.ModuleList(block(c) for c in channels)
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:

@@ -99,9 +99,11 @@ class ResADpp(AnomalyMethod):
             module.eval()
         logp_maps, prob_maps = [], []
         with torch.no_grad():
-            quantized = self.vq.quantize(residuals)
-            aligned = [match_feature_distribution(r, q, cfg.fdm_alpha) for r, q in zip(residuals, quantized,
-                                                                                        strict=True)]
+            aligned = residuals
+            if cfg.distribution_matching:
+                quantized = self.vq.quantize(residuals)
+                aligned = [match_feature_distribution(r, q, cfg.fdm_alpha)
+                           for r, q in zip(residuals, quantized, strict=True)]
             for level, e in enumerate(self.constraintor(aligned)):
                 logp_n, logp_a = self._flow_logps(level, e)
                 logp_maps.append(logp_n)
@@ -115,13 +117,15 @@ class ResADpp(AnomalyMethod):
         raw = self.score_raw(images, bank)
         levels = range(len(self.channels))
         return merged_output([raw[f"logp_{i}"] for i in levels], [raw[f"prob_{i}"] for i in levels],
-                             self.logp_offsets, images.shape[-1], self.config.smoothing_sigma)
+                             self.logp_offsets, images.shape[-1], self.config.smoothing_sigma,
+                             branch=self.config.score_branch)
 
     def set_normaliser(self) -> TestSetNormaliser | None:
         if self.config.score_normalisation != "test_set":
             return None
         size = int(self.backbone.image_size)
-        return TestSetNormaliser(len(self.channels), size, self.config.smoothing_sigma)
+        cfg = self.config
+        return TestSetNormaliser(len(self.channels), size, cfg.smoothing_sigma, cfg.score_branch)
 
     def _flow_logps(self, level: int, features: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position (normal, abnormal) log-likelihoods [B, H, W], in position_batch chunks."""

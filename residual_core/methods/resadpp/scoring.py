@@ -81,11 +81,14 @@ def image_scores(anomaly_map: Tensor) -> Tensor:
 
 
 def merged_output(logp_maps: Sequence[Tensor], prob_maps: Sequence[Tensor], logp_offsets: Tensor, size: int,
-                  sigma: float, flip: float | None = None) -> ScoreOutput:
-    """validate.py's final maps: (likelihood + boundary) / 2, image score = max of each map."""
+                  sigma: float, flip: float | None = None, branch: str = "both") -> ScoreOutput:
+    """validate.py's final maps: (likelihood + boundary) / 2, image score = max of each map.
+
+    `branch` "likelihood" or "boundary" (an ablation) makes that branch's map the anomaly map."""
     likelihood = likelihood_anomaly_map(logp_maps, logp_offsets, size, sigma, flip)
     boundary = boundary_anomaly_map(prob_maps, size, sigma)
-    merged = (likelihood + boundary) / 2
+    merged = {"both": lambda: (likelihood + boundary) / 2, "likelihood": lambda: likelihood,
+              "boundary": lambda: boundary}[branch]()
     return ScoreOutput(
         anomaly_map=merged.float(),
         image_score=image_scores(merged).float(),
@@ -116,6 +119,7 @@ class TestSetNormaliser:
     levels: int
     size: int
     sigma: float
+    branch: str = "both"
 
     def statistics(self, batches: BatchSource) -> dict[str, Any]:
         maxima = None
@@ -133,7 +137,8 @@ class TestSetNormaliser:
     def finish(self, raw: RawBatch, stats: dict[str, Any]) -> ScoreOutput:
         offsets = torch.tensor(stats["logp_max"], dtype=torch.float32)
         return merged_output(_levels(raw, self.levels, "logp"), _levels(raw, self.levels, "prob"), offsets,
-                             self.size, self.sigma, flip=stats["flip"])
+                             self.size, self.sigma, flip=stats["flip"], branch=self.branch)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "levels": self.levels, "size": self.size, "sigma": self.sigma}
+        return {"kind": self.kind, "levels": self.levels, "size": self.size, "sigma": self.sigma,
+                "branch": self.branch}

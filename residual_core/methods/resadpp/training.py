@@ -87,8 +87,10 @@ class ResADppTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
 
         def adam(params):
-            opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=config.lr,
-                                   weight_decay=config.weight_decay)
+            params = [p for p in params if p.requires_grad]
+            if not params:  # an ablated part (constraintor "none"): nothing to optimise
+                return None, None
+            opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.lr_milestones),
                                                          gamma=config.lr_gamma)
             return opt, sched
@@ -100,7 +102,8 @@ class ResADppTrainer:
     def end_epoch(self) -> None:
         """Step the three MultiStepLR schedules (once per epoch, as main.py does)."""
         for sched in (self.sched_vq, self.sched_constraintor, self.sched_flow):
-            sched.step()
+            if sched is not None:
+                sched.step()
 
     def step(self, batch: TrainBatch, stage: int) -> StepLosses:
         """VQ step, constraintor step, then flow sub-batch steps; returns summed loss items."""
@@ -112,12 +115,24 @@ class ResADppTrainer:
         self.constraintor.train()
         self.flows.train()
 
-        loss_vq = self.vq.loss(batch.residuals, labels)
-        self._apply(self.opt_vq, loss_vq)
-        losses.add("vq", float(loss_vq.detach()))
+        if cfg.distribution_matching:
+            loss_vq = self.vq.loss(batch.residuals, labels)
+            self._apply(self.opt_vq, loss_vq)
+            losses.add("vq", float(loss_vq.detach()))
 
-        targets = [r.detach().clone() for r in batch.residuals]
         constrained = self.constraintor(batch.residuals)
+        if self.opt_constraintor is not None:
+            losses.add("occ", self._constraintor_step(constrained, batch.residuals, labels))
+
+        for level, (e, m) in enumerate(zip(constrained, labels, strict=True)):
+            losses.merge(self._flow_level(level, e.detach(), m, stage))
+        return losses
+
+    def _constraintor_step(self, constrained: list[Tensor], residuals: list[Tensor],
+                           labels: list[Tensor]) -> float:
+        """Log-barrier bidirectional OCC loss summed over levels (+ orthogonal term), one Adam step."""
+        cfg = self.config
+        targets = [r.detach().clone() for r in residuals]
         loss_occ = None
         for e, t, m in zip(constrained, targets, labels, strict=True):
             e, t, m = _rows(e), _rows(t), m.reshape(-1)
@@ -128,11 +143,7 @@ class ResADppTrainer:
                 occ = occ + orthogonal_regularizer(e, m, cfg.orthogonal_weight)
             loss_occ = occ if loss_occ is None else loss_occ + occ
         self._apply(self.opt_constraintor, loss_occ)
-        losses.add("occ", float(loss_occ.detach()))
-
-        for level, (e, m) in enumerate(zip(constrained, labels, strict=True)):
-            losses.merge(self._flow_level(level, e.detach(), m, stage))
-        return losses
+        return float(loss_occ.detach())
 
     def _flow_level(self, level: int, features: Tensor, labels: Tensor, stage: int) -> StepLosses:
         cfg = self.config
