@@ -63,6 +63,9 @@ class Preprocess:
     """One preset. Subclasses define the geometry and the resampling; `image`/`mask` are the contract."""
 
     name: str = ""
+    # `image()` is `normalise_uint8(pixels_chw())` bit for bit, so the pipelines may carry the 8-bit
+    # pixels between processes (a quarter of float32's bytes) and normalise where the model runs
+    EIGHT_BIT_EXACT: bool = True
 
     def view(self, original_size: tuple[int, int], size: int) -> View:
         """Which part of an image of `original_size` = (width, height) the S x S input shows."""
@@ -76,7 +79,13 @@ class Preprocess:
     def image(self, image: Image.Image, size: int, mean: Mean = IMAGENET_MEAN,
               std: Mean = IMAGENET_STD) -> torch.Tensor:
         """Decoded image -> normalised float32 tensor [3, S, S] (ToTensor then Normalize)."""
-        return _normalise(_to_unit_tensor(self.pixels(to_rgb(image), _check_size(size))), mean, std)
+        import torch
+
+        return normalise_uint8(torch.from_numpy(self.pixels_chw(image, size)), mean, std)
+
+    def pixels_chw(self, image: Image.Image, size: int) -> np.ndarray:
+        """uint8 [3, S, S]: `pixels` channel-first, the 8-bit form of the model input."""
+        return self.display(image, size).transpose(2, 0, 1).copy()  # copy: C-contiguous, writable
 
     def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
         """Boolean mask [H, W] (None: all normal) -> float32 tensor [1, S, S] in {0, 1}."""
@@ -190,6 +199,7 @@ class TorchBicubic(Preprocess):
     antialiased, whole image to S x S; masks nearest). Not either author's resampling."""
 
     name = "torch-bicubic"
+    EIGHT_BIT_EXACT = False  # a float resize: its 8-bit `pixels` are rounded, not what `image` gives
 
     def image(self, image: Image.Image, size: int, mean: Mean = IMAGENET_MEAN,
               std: Mean = IMAGENET_STD) -> torch.Tensor:
@@ -252,9 +262,17 @@ def _to_unit_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
 
 
+def normalise_uint8(pixels: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:
+    """uint8 pixels [..., 3, S, S] (one image or a batch, any device) -> normalised float32 on the same
+    device: ToTensor's `/ 255` then Normalize, the same float32 operations as `Preprocess.image`."""
+    import torch
+
+    return _normalise(pixels.to(torch.float32).div(255), mean, std)
+
+
 def _normalise(tensor: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:
     import torch
 
-    mean_t = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)

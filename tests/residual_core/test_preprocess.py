@@ -24,6 +24,7 @@ from residual_core.preprocess import (  # noqa: E402
     PreprocessError,
     View,
     get_preprocess,
+    normalise_uint8,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -213,6 +214,21 @@ def test_display_is_the_unnormalised_model_input(name):
     assert pixels.shape == (S, S, 3) and pixels.dtype == np.uint8
     unit = preset.image(image, S, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).permute(1, 2, 0).numpy()
     assert np.abs(pixels / 255.0 - unit).max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("name", PREPROCESS_NAMES)
+def test_eight_bit_presets_normalise_their_uint8_pixels_bit_for_bit(name):
+    """What the pipelines rely on to carry uint8 between processes: for a preset that says so, a batch
+    of `pixels_chw` normalised by `normalise_uint8` is exactly its `image()`; torch-bicubic says not."""
+    images = [decode_image(_photo(shape, "RGB", seed)) for seed, shape in enumerate(SHAPES)]
+    preset = get_preprocess(name)
+    batch = torch.from_numpy(np.stack([preset.pixels_chw(image, S) for image in images]))
+    assert batch.dtype == torch.uint8 and batch.shape == (len(images), 3, S, S)
+    expected = torch.stack([preset.image(image, S, CLIP_MEAN, CLIP_STD) for image in images])
+    got = normalise_uint8(batch, CLIP_MEAN, CLIP_STD)
+    assert got.dtype == torch.float32
+    assert preset.EIGHT_BIT_EXACT == (name != "torch-bicubic")
+    assert torch.equal(got, expected) == preset.EIGHT_BIT_EXACT
 
 
 def test_unknown_names_and_bad_sizes_are_refused():
