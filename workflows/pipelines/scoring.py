@@ -7,7 +7,8 @@ Ray Data runs two stages over a list of (job, shard) tasks:
 2. `ScoringActor` (actor pool, `num_gpus` per actor when GPUs exist): caches backbones, methods and
    per-category banks, scores in batches of `batch_size`, reduces anomaly maps into a
    `GroupedAccumulator` per shard (the normals and each defect type apart, `metric_groups`), commits
-   the shard's outputs, and returns a small summary.
+   the shard's outputs, and returns a small summary. Each batch's reduction runs on one background
+   thread (`background.SerialWorker`, in order, bounded) while the next batch is scored.
 Nothing per-pixel reaches the driver. `evaluate` uses it; so can `scan`.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from workflows.pipelines.background import SerialWorker
 from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.metric_groups import group_of
 from workflows.pipelines.prepared import PreparedShard, image_input, model_input, stack_images
@@ -191,12 +193,13 @@ class ScoringActor:
         outputs = ShardOutputs(job, kept)
         raw_parts: dict[str, list[np.ndarray]] = {}
         batches = self.scored_batches(job, shard, prepared.images, raw=normaliser is not None)
-        for start, stop, out in batches:
-            if normaliser is None:
-                outputs.add(start, out, prepared.masks[start:stop])
-                continue
-            for name, value in out.items():  # finished per category by the reduce step
-                raw_parts.setdefault(name, []).append(value.detach().float().cpu().numpy())
+        with SerialWorker() as reducer:  # batch i reduced while batch i + 1 is scored
+            for start, stop, out in batches:
+                if normaliser is None:
+                    reducer.submit(outputs.add, start, out, prepared.masks[start:stop])
+                else:  # finished per category by the reduce step
+                    reducer.submit(_keep_raw, raw_parts, out)
+            reducer.join()  # every batch reduced (a failure raised here) before the commit
         summary = {"images": len(kept), "skipped": len(skipped),
                    "skip_reasons": [s["skip_reason"] for s in skipped][:20]}
         raw = None
@@ -207,6 +210,12 @@ class ScoringActor:
         outputs.commit(ShardStore(job.job_url), shard, skipped, summary, raw)
         return {"job_id": job.job_id, "shard_id": shard.shard_id, "dataset": shard.dataset,
                 "category": shard.category, "summary": json.dumps(summary)}
+
+
+def _keep_raw(parts: dict[str, list[np.ndarray]], out: dict) -> None:
+    """A set-normalised method's raw batch outputs, on the CPU, appended per name."""
+    for name, value in out.items():
+        parts.setdefault(name, []).append(value.detach().float().cpu().numpy())
 
 
 class ShardOutputs:

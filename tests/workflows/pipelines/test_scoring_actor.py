@@ -2,13 +2,15 @@
 
 - a shard prepared as uint8 pixels scores exactly as the same shard prepared as normalised float32
   (per-image and per-branch scores, metric states, maps; ResAD++'s raw outputs), including a corrupt
-  row counted as skipped and a shard with nothing kept.
+  row counted as skipped and a shard with nothing kept;
+- a failure in the background reduction (`background.SerialWorker`) fails the shard with its error.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -130,3 +132,31 @@ def _assert_same_arrays(left: dict, right: dict) -> None:
     assert sorted(left) == sorted(right) and left
     for key, value in left.items():
         np.testing.assert_array_equal(value, right[key], err_msg=key)
+
+
+def test_a_failure_in_the_background_reduction_fails_the_shard(tiny, monkeypatch):
+    """`ShardOutputs.add` raising on the second batch (in the worker thread): the actor call raises that
+    error, nothing of the shard is committed, and the next call (a retry) commits it."""
+    from workflows.pipelines.scoring import ShardOutputs
+
+    job = make_job(tiny, BASELINE, "failing")
+    shard = shards_of(tiny)[0]
+    row = prepare_shard(task(job, shard))
+    assert len(row["images"]) > BATCH  # two batches: the failure is not in the first one
+    real_add, calls = ShardOutputs.add, []
+
+    def failing_add(self, start, out, masks):
+        calls.append((start, threading.current_thread() is threading.main_thread()))
+        if len(calls) == 2:
+            raise RuntimeError("reduction failed on purpose")
+        return real_add(self, start, out, masks)
+
+    monkeypatch.setattr(ShardOutputs, "add", failing_add)
+    actor = ScoringActor(batch_size=BATCH)
+    with pytest.raises(RuntimeError, match="reduction failed on purpose"):
+        actor(row)
+    assert calls == [(0, False), (BATCH, False)]  # reduced on the background thread
+    assert not ShardStore(job.job_url).is_done(shard.shard_id)
+    monkeypatch.undo()
+    actor(row)
+    assert ShardStore(job.job_url).is_done(shard.shard_id)
