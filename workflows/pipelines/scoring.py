@@ -116,12 +116,18 @@ def _sampled(image_id: str, fraction: float) -> bool:
 
 
 class ScoringActor:
-    """Stage 2: scores prepared shards; caches models and banks across calls."""
+    """Stage 2: scores prepared shards; caches models and banks across calls. `num_cpus`: the actor's CPU
+    share, which sets its torch threads (`ray_runtime.torch_threads`); None (in-process use) leaves
+    them as they are."""
 
-    def __init__(self, batch_size: int = 8, max_cached: int = 2) -> None:
+    def __init__(self, batch_size: int = 8, max_cached: int = 2, num_cpus: float | None = None) -> None:
         import torch
 
         torch.set_grad_enabled(False)
+        if num_cpus is not None:
+            from workflows.pipelines.ray_runtime import torch_threads
+
+            torch.set_num_threads(torch_threads(num_cpus))
         self.batch_size = int(batch_size)
         self.max_cached = max_cached
         self._backbones: OrderedDict = OrderedDict()
@@ -333,7 +339,8 @@ def run_scoring(
     `prepare_fn` / `actor_cls` (default `prepare_shard` / `ScoringActor`) let `scan` reuse the same
     pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`.
     `prepare_memory`: bytes of Ray's `memory` resource each prepare (decode) task reserves, so a node
-    runs only as many decodes at once as its memory holds (None: no reservation)."""
+    runs only as many decodes at once as its memory holds (None: no reservation). `actor_num_cpus`:
+    each actor's CPU share (`ray_runtime.actor_cpus`), also its torch threads."""
     import ray
 
     if not tasks:
@@ -349,7 +356,7 @@ def run_scoring(
                                max_retries=max_retries)
         scored = prepared.map(
             actor_cls or ScoringActor,
-            fn_constructor_kwargs={"batch_size": batch_size},
+            fn_constructor_kwargs={"batch_size": batch_size, "num_cpus": actor_num_cpus},
             compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
             num_cpus=actor_num_cpus,
             num_gpus=num_gpus_per_actor or None,

@@ -1,9 +1,11 @@
-"""The scoring actor's inputs and loop, in process (no Ray: the stages are plain callables):
+"""The scoring actor's inputs and loop, in process (the stages are plain callables; Ray only where
+`run_scoring` is under test):
 
 - a shard prepared as uint8 pixels scores exactly as the same shard prepared as normalised float32
   (per-image and per-branch scores, metric states, maps; ResAD++'s raw outputs), including a corrupt
   row counted as skipped and a shard with nothing kept;
-- a failure in the background reduction (`background.SerialWorker`) fails the shard with its error.
+- a failure in the background reduction (`background.SerialWorker`) fails the shard with its error;
+- each actor runs torch with as many threads as its CPU share (in process, and through `run_scoring`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DATASET, CATEGORY = "textures", "brick"
 BATCH = 3  # crosses the shards of 4
 RESADPP = {"name": "resadpp", "params": {"num_embeddings": 16, "coupling_layers": 2, "pos_embed_dim": 16}}
 BASELINE = {"name": "baseline", "params": {}}
+UNSHARED_THREADS = 3
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +163,45 @@ def test_a_failure_in_the_background_reduction_fails_the_shard(tiny, monkeypatch
     monkeypatch.undo()
     actor(row)
     assert ShardStore(job.job_url).is_done(shard.shard_id)
+
+
+@pytest.mark.parametrize(("num_cpus", "threads"), [(0.25, 1), (1.0, 1), (2.7, 2)])
+def test_an_actor_takes_its_torch_threads_from_its_cpu_share(num_cpus, threads):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        ScoringActor(num_cpus=num_cpus)
+        assert torch.get_num_threads() == threads
+        torch.set_num_threads(3)
+        ScoringActor()  # in-process use (local scoring): threads left alone
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+class _ThreadsActor(ScoringActor):
+    """Starts with more torch threads than its share; reports the threads it runs with instead of
+    scoring."""
+
+    def __init__(self, **kwargs) -> None:
+        import torch
+
+        torch.set_num_threads(UNSHARED_THREADS)
+        super().__init__(**kwargs)
+
+    def __call__(self, task: dict) -> dict:
+        import torch
+
+        return {"shard": task["shard"], "threads": torch.get_num_threads()}
+
+
+def test_run_scoring_hands_each_actor_its_cpu_share(local_ray, tiny):
+    """1.5 of the 2 local CPUs (the rest for the prepare tasks): one thread."""
+    from workflows.pipelines.scoring import run_scoring
+
+    job = ScoringJob(job_id="threads", job_url="", backbone={}, method=BASELINE, banks={})
+    rows = list(run_scoring([(job, s) for s in shards_of(tiny)], batch_size=BATCH, num_actors=1,
+                            num_gpus_per_actor=0, actor_num_cpus=1.5, prepare_fn=lambda task: task,
+                            actor_cls=_ThreadsActor))
+    assert len(rows) == len(shards_of(tiny)) and {r["threads"] for r in rows} == {1}
