@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported lazily, as in residual_core.images
     import torch
 
 Mean = tuple[float, float, float]
+UINT8_LEVELS = 256
 
 
 class PreprocessError(ValueError):
@@ -264,10 +265,23 @@ def _to_unit_tensor(image: Image.Image) -> torch.Tensor:
 
 def normalise_uint8(pixels: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:
     """uint8 pixels [..., 3, S, S] (one image or a batch, any device) -> normalised float32 on the same
-    device: ToTensor's `/ 255` then Normalize, the same float32 operations as `Preprocess.image`."""
+    device: ToTensor's `/ 255` then Normalize. The 3 x 256 possible values are computed once on the CPU
+    and looked up, so the result is the same bits on every device (a GPU may divide by a scalar as a
+    multiplication by its reciprocal)."""
     import torch
 
-    return _normalise(pixels.to(torch.float32).div(255), mean, std)
+    table = _normalised_levels(tuple(mean), tuple(std)).to(pixels.device)
+    channels = torch.arange(table.shape[0], device=pixels.device).view(-1, 1, 1)
+    return table[channels, pixels.long()]
+
+
+def _normalised_levels(mean: Mean, std: Mean) -> torch.Tensor:
+    """[3, 256] float32: `(level / 255 - mean[c]) / std[c]` for every 8-bit level, as ToTensor and
+    Normalize compute it on the CPU."""
+    import torch
+
+    levels = torch.arange(UINT8_LEVELS, dtype=torch.float32).div(255).expand(len(mean), UINT8_LEVELS)
+    return _normalise(levels[:, :, None].clone(), mean, std)[:, :, 0]
 
 
 def _normalise(tensor: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:

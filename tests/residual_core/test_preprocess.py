@@ -231,6 +231,28 @@ def test_eight_bit_presets_normalise_their_uint8_pixels_bit_for_bit(name):
     assert torch.equal(got, expected) == preset.EIGHT_BIT_EXACT
 
 
+def _every_level(batch: int = 2) -> torch.Tensor:
+    """uint8 [batch, 3, 16, 16] holding every 8-bit level in every channel."""
+    levels = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    return torch.stack([levels, levels.flip(0), levels.t()])[None].repeat(batch, 1, 1, 1)
+
+
+def test_normalise_uint8_is_to_tensor_then_normalize_at_every_level():
+    pixels = _every_level()
+    expected = T.Normalize(CLIP_MEAN, CLIP_STD)(pixels.float().div(255))
+    got = normalise_uint8(pixels, CLIP_MEAN, CLIP_STD)
+    assert got.dtype == torch.float32 and got.shape == pixels.shape and torch.equal(got, expected)
+    assert torch.equal(normalise_uint8(pixels[0], CLIP_MEAN, CLIP_STD), expected[0])  # one image
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalise_uint8_gives_the_same_bits_on_the_gpu():
+    pixels = _every_level()
+    got = normalise_uint8(pixels.cuda(), IMAGENET_MEAN, IMAGENET_STD)
+    assert got.is_cuda and torch.equal(got.cpu(), normalise_uint8(pixels, IMAGENET_MEAN, IMAGENET_STD))
+
+
 def test_unknown_names_and_bad_sizes_are_refused():
     with pytest.raises(PreprocessError, match="unknown preprocess preset 'bilinear'"):
         get_preprocess("bilinear")
