@@ -41,7 +41,7 @@ ROWS: dict[str, tuple[str, str]] = {  # row -> (method name, params as YAML flow
     "baseline": ("baseline", ""),
     "patchcore": ("patchcore", ""),
     "res2clip-training-free": ("res2clip", RES2CLIP_VISUAL.format(mode="training-free")),
-    "res2clip-finetuned": ("res2clip", RES2CLIP_VISUAL.format(mode="finetune") + ", train: {epochs: 2}"),
+    "res2clip-finetuned": ("res2clip", RES2CLIP_VISUAL.format(mode="finetune") + ", train: {epochs: 10}"),
     "resadpp-untrained": ("resadpp", RESADPP_UNTRAINED),
     "resadpp-cpu": ("resadpp", "preset: cpu"),
     "resadpp-cpu-no-constraintor": ("resadpp", "preset: cpu, constraintor: none"),
@@ -49,26 +49,33 @@ ROWS: dict[str, tuple[str, str]] = {  # row -> (method name, params as YAML flow
     "resadpp-cpu-boundary-only": ("resadpp", "preset: cpu, score_branch: boundary"),
     "resadpp-cpu-likelihood-only": ("resadpp", "preset: cpu, score_branch: likelihood"),
 }
+# rows that only score differently reuse another row's trainings (same output, same checkpoint keys:
+# `registry.training_params` leaves scoring-only hyper-parameters out of a training's identity)
+TRAINING_OF = {"resadpp-cpu-boundary-only": "resadpp-cpu", "resadpp-cpu-likelihood-only": "resadpp-cpu"}
 METRICS = ("I-AUROC", "I-AP", "P-AUROC", "P-AP", "AUPRO@0.3")
 
 
 def run_row(row: str, bench: str, out: str, seeds: list[int], force: bool) -> dict:
     """`residual-ad lodo` for one row; returns its record (wall time, load, summary path)."""
     directory = os.path.join(out, row)
+    output = os.path.join(out, TRAINING_OF.get(row, row))
     record_path = os.path.join(directory, "row.json")
     if os.path.exists(record_path) and not force:
         with open(record_path) as f:
             return json.load(f)
     name, params = ROWS[row]
     method = f"[{{name: {name}, params: {{{params}}}}}]" if params else f"[{{name: {name}}}]"
-    overrides = [*COMMON, f"output={directory}", f"data.url={bench}", f"index.seeds={seeds}",
+    os.makedirs(directory, exist_ok=True)
+    pattern = os.path.join(output, "lodo", "*", "summary.csv")
+    before = set(glob.glob(pattern))
+    overrides = [*COMMON, f"output={output}", f"data.url={bench}", f"index.seeds={seeds}",
                  f"lodo.methods={method}"]
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     code = subprocess.call([sys.executable, "-m", "workflows.cli", "lodo",
                             *[f"--set={item}" for item in overrides]])
     wall = time.monotonic() - started
-    summaries = sorted(glob.glob(os.path.join(directory, "lodo", "*", "summary.csv")))
+    summaries = sorted(set(glob.glob(pattern)) - before)
     if code or not summaries:
         raise SystemExit(f"row {row}: lodo exited {code}; no summary under {directory}")
     record = {"row": row, "method": name, "params": params, "seeds": seeds, "wall_s": round(wall, 1),

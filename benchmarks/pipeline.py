@@ -9,7 +9,10 @@ Reference banks are built before timing. Usage:
 `--method-only` skips Ray and the pipeline: in-memory `method.score` vs the bare forward at 1 torch
 thread for k reference shots (`--shots 1 4`), the baseline also with the dense matching it used before
 the blocked exact search, and where each method's time goes (backbone, matching, VQ, EFDM, flows, ...):
-    .venv/bin/python benchmarks/pipeline.py --method-only --shots 1 4 --methods baseline resadpp
+    .venv/bin/python benchmarks/pipeline.py --method-only --shots 1 4 --methods baseline res2clip resadpp
+Res2CLIP on a CLIP ViT (random weights, at its native size; all three branches):
+    .venv/bin/python benchmarks/pipeline.py --method-only --backbone openclip-random:ViT-B-16 \
+        --methods res2clip --image-size 224
 """
 
 from __future__ import annotations
@@ -161,6 +164,10 @@ def _components(method, name: str, device: str) -> _ComponentTimer:
         from residual_core.methods import baseline
 
         timer.wrap(baseline, "nearest_residual_norm", "matching (1-NN + residual norm)")
+    elif name == "res2clip":
+        from residual_core.methods.res2clip import method as res2clip_module
+
+        timer.wrap(res2clip_module, "match_bank_layer", "matching (strategy engine)")
     elif name == "resadpp":
         from residual_core.methods.resadpp import method as resadpp_module
 
@@ -184,7 +191,8 @@ def _method_only(args, device: str) -> None:
     from tests.workflows.pipelines.tiny_data import tiny_rows
 
     torch.manual_seed(0)
-    backbone = create_backbone(args.backbone, image_size=args.image_size, device=device).eval()
+    spec = _backbone_spec(args.backbone)
+    backbone = create_backbone(spec, image_size=args.image_size, device=device).eval()
     count = args.batch_size * args.method_batches
     rows = [r for r in tiny_rows(n_train=max(args.shots), n_normal=count - count // 2,
                                  n_anomalous=count // 2) if r["category"] == "brick"]
@@ -211,7 +219,9 @@ def _method_only(args, device: str) -> None:
                 variants = [("exact search (auto: FAISS on CPU)", contextlib.nullcontext), torch_kernel]
             else:  # ResAD's matching asks for the torch kernel itself (first-index ties)
                 variants = [("exact search, torch kernel", contextlib.nullcontext)]
-            if name == "baseline":
+            if name == "res2clip":  # its own matching engine (strategy from the config), no "before"
+                variants = [("strategy engine (auto)", contextlib.nullcontext)]
+            elif name == "baseline":
                 variants.append(("dense (before)", lambda: _patched(baseline, "nearest_residual_norm",
                                                                     _dense_nearest_residual_norm)))
             else:  # ResAD's matching went through the engine's dense [rows, N] blocks of 2^24 scores
@@ -249,6 +259,26 @@ def _method_only(args, device: str) -> None:
         shares = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in parts.items())
         print(f"- {name} k={shots} {variant}: total {total:.3f} s: {shares}, other {other:.3f} s "
               f"({100 * other / total:.0f}%)")
+
+
+RANDOM_OPENCLIP = "openclip-random:"  # e.g. openclip-random:ViT-B-16: random weights, no download
+
+
+def _backbone_spec(spec: str) -> str:
+    """A backbone spec; `openclip-random:<arch>` saves a randomly initialised open_clip model to a temporary
+    file and loads it through the checkpoint path users use (no pretrained CLIP weights offline)."""
+    if not spec.startswith(RANDOM_OPENCLIP):
+        return spec
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    arch = spec[len(RANDOM_OPENCLIP):]
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-openclip-"), f"{arch}.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return f"openclip:{arch}@{path}"
 
 
 @contextlib.contextmanager
@@ -292,7 +322,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["baseline"], help="--method-only: methods")
     parser.add_argument("--method-batches", type=int, default=1, help="--method-only: batches timed")
     parser.add_argument("--repeats", type=int, default=3, help="--method-only: best of")
-    parser.add_argument("--backbone", default="effnet-lite0", help="--method-only: backbone spec")
+    parser.add_argument("--backbone", default="effnet-lite0",
+                        help="--method-only: backbone spec, or openclip-random:<arch> (random weights)")
     args = parser.parse_args()
 
     import torch

@@ -9,22 +9,25 @@ from residual_core.methods.base import AnomalyMethod, MethodError
 _BUILDERS: dict[str, Callable[..., AnomalyMethod]] = {}
 _PREPROCESS: dict[str, Callable[[dict], str]] = {}
 _SEEDED: dict[str, Callable[[dict, int], dict]] = {}
+_SCORING_ONLY: dict[str, tuple[str, ...]] = {}
 
 
 def register_method(name: str, *, preprocess: Callable[[dict], str],
-                    seeded: Callable[[dict, int], dict] | None = None):
+                    seeded: Callable[[dict, int], dict] | None = None, scoring_only: tuple[str, ...] = ()):
     """Decorator: register a builder `f(backbone, **config) -> AnomalyMethod` under `name`.
 
     `preprocess(config) -> str` names the `residual_core.preprocess` preset the method declares with
     those keyword hyper-parameters (its config's `preprocess` field), without building anything.
     `seeded(config, run_seed) -> config` (trainable methods with a seed of their own) gives the
-    hyper-parameters of the training for `run_seed`."""
+    hyper-parameters of the training for `run_seed`. `scoring_only` names hyper-parameters that change
+    how a trained model scores but not what training produces (one training serves them all)."""
 
     def wrap(builder):
         _BUILDERS[name] = builder
         _PREPROCESS[name] = preprocess
         if seeded is not None:
             _SEEDED[name] = seeded
+        _SCORING_ONLY[name] = tuple(scoring_only)
         return builder
 
     return wrap
@@ -64,6 +67,12 @@ def seeded_params(name: str, params: dict, run_seed: int) -> dict:
     _load_builtin_methods()
     hook = _SEEDED.get(name)
     return hook(dict(params), int(run_seed)) if hook is not None and run_seed else dict(params)
+
+
+def training_params(name: str, params: dict) -> dict:
+    """`params` without the method's scoring-only hyper-parameters: what identifies its training."""
+    _load_builtin_methods()
+    return {k: v for k, v in params.items() if k not in _SCORING_ONLY.get(name, ())}
 
 
 def create_method(name: str, backbone, **config) -> AnomalyMethod:

@@ -48,7 +48,11 @@ class TrainResult:
 
 
 def checkpoint_url(config: RunConfig, spec: TrainSpec, identity_key: str) -> str:
+    from residual_core.methods.registry import training_params
+
     method = {k: v for k, v in asdict(spec.method).items() if k != "checkpoint"}
+    # one training serves every scoring-only variant (e.g. ResAD++'s score_branch ablations)
+    method["params"] = training_params(spec.method.name, method.get("params") or {})
     key = content_key({
         "data": config.data.url, "datasets": sorted(spec.datasets), "categories": config.data.categories,
         "backbone": identity_key, "method": method, "preprocess": method_preprocess(spec.method),

@@ -19,7 +19,8 @@ def resadpp_seeded(params: dict, run_seed: int) -> dict:
     return params
 
 
-@register_method("resadpp", preprocess=resadpp_preprocess, seeded=resadpp_seeded)
+@register_method("resadpp", preprocess=resadpp_preprocess, seeded=resadpp_seeded,
+                 scoring_only=("score_branch", "score_normalisation", "smoothing_sigma"))
 def build_resadpp(backbone, **config) -> ResADpp:
     """Registry builder: `create_method("resadpp", backbone, preset="cnn", epochs=..., ...)`."""
     return ResADpp(backbone, make_config(**config))

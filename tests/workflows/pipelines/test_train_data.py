@@ -86,3 +86,27 @@ def test_train_log_records_what_was_drawn_from_where(tiny_data, tmp_path):
     assert camera["stage2"]["anomalous_with_mask"] == 0  # no masks in this dataset
     assert set(log["contributions"]["textures"]["training_data"]) == {"brick", "grass"}
     assert log["contributions"]["textures"]["train_normal_images"] == 2 * N_TRAIN
+
+
+def test_each_run_seed_is_its_own_training_and_scoring_variants_share_one(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from workflows.pipelines.train import checkpoint_url
+
+    config = _config(tiny_data, tmp_path)
+    weights = {}
+    for seed in (0, 1):
+        spec = TrainSpec(("textures",), MethodConfig(name="resadpp", params=TINY_RESADPP), seed=seed)
+        url = str(tmp_path / f"ckpt{seed}")
+        train_task(config.to_dict(), spec, url)
+        weights[seed] = load_file(f"{url}/resadpp.safetensors")
+        header = storage.read_json(f"{url}/resadpp.json")
+        assert header["config"]["seed"] == 42 + seed  # the authors' 42 at seed 0
+    differs = {k.split(".")[0] for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])}
+    assert {"vq", "constraintor", "flows"} <= differs  # another initialisation, not a replay
+
+    def url_of(params):
+        return checkpoint_url(config, TrainSpec(("textures",), MethodConfig("resadpp", params), 0), "id")
+
+    assert url_of({**TINY_RESADPP, "score_branch": "boundary"}) == url_of(TINY_RESADPP)
+    assert url_of({**TINY_RESADPP, "constraintor": "none"}) != url_of(TINY_RESADPP)
