@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported lazily, as in residual_core.images
     import torch
 
 Mean = tuple[float, float, float]
+UINT8_LEVELS = 256
 
 
 class PreprocessError(ValueError):
@@ -63,6 +64,9 @@ class Preprocess:
     """One preset. Subclasses define the geometry and the resampling; `image`/`mask` are the contract."""
 
     name: str = ""
+    # `image()` is `normalise_uint8(pixels_chw())` bit for bit, so the pipelines may carry the 8-bit
+    # pixels between processes (a quarter of float32's bytes) and normalise where the model runs
+    EIGHT_BIT_EXACT: bool = True
 
     def view(self, original_size: tuple[int, int], size: int) -> View:
         """Which part of an image of `original_size` = (width, height) the S x S input shows."""
@@ -76,7 +80,13 @@ class Preprocess:
     def image(self, image: Image.Image, size: int, mean: Mean = IMAGENET_MEAN,
               std: Mean = IMAGENET_STD) -> torch.Tensor:
         """Decoded image -> normalised float32 tensor [3, S, S] (ToTensor then Normalize)."""
-        return _normalise(_to_unit_tensor(self.pixels(to_rgb(image), _check_size(size))), mean, std)
+        import torch
+
+        return normalise_uint8(torch.from_numpy(self.pixels_chw(image, size)), mean, std)
+
+    def pixels_chw(self, image: Image.Image, size: int) -> np.ndarray:
+        """uint8 [3, S, S]: `pixels` channel-first, the 8-bit form of the model input."""
+        return self.display(image, size).transpose(2, 0, 1).copy()  # copy: C-contiguous, writable
 
     def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
         """Boolean mask [H, W] (None: all normal) -> float32 tensor [1, S, S] in {0, 1}."""
@@ -190,6 +200,7 @@ class TorchBicubic(Preprocess):
     antialiased, whole image to S x S; masks nearest). Not either author's resampling."""
 
     name = "torch-bicubic"
+    EIGHT_BIT_EXACT = False  # a float resize: its 8-bit `pixels` are rounded, not what `image` gives
 
     def image(self, image: Image.Image, size: int, mean: Mean = IMAGENET_MEAN,
               std: Mean = IMAGENET_STD) -> torch.Tensor:
@@ -252,9 +263,30 @@ def _to_unit_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
 
 
+def normalise_uint8(pixels: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:
+    """uint8 pixels [..., 3, S, S] (one image or a batch, any device) -> normalised float32 on the same
+    device: ToTensor's `/ 255` then Normalize. The 3 x 256 possible values are computed once on the CPU
+    and looked up, so the result is the same bits on every device (a GPU may divide by a scalar as a
+    multiplication by its reciprocal)."""
+    import torch
+
+    table = _normalised_levels(tuple(mean), tuple(std)).to(pixels.device)
+    channels = torch.arange(table.shape[0], device=pixels.device).view(-1, 1, 1)
+    return table[channels, pixels.long()]
+
+
+def _normalised_levels(mean: Mean, std: Mean) -> torch.Tensor:
+    """[3, 256] float32: `(level / 255 - mean[c]) / std[c]` for every 8-bit level, as ToTensor and
+    Normalize compute it on the CPU."""
+    import torch
+
+    levels = torch.arange(UINT8_LEVELS, dtype=torch.float32).div(255).expand(len(mean), UINT8_LEVELS)
+    return _normalise(levels[:, :, None].clone(), mean, std)[:, :, 0]
+
+
 def _normalise(tensor: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:
     import torch
 
-    mean_t = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)

@@ -123,12 +123,12 @@ def test_pipeline_stage_records_every_bad_row_as_skipped(tmp_path):
     kept, skipped = [], []
     for shard in plan_shards(url, split="test", shard_size=16):
         out = prepare_shard({"job": job.to_json(), "shard": json.dumps(shard.to_dict())})
-        import pickle
+        from workflows.pipelines.prepared import PreparedShard
 
-        payload = pickle.loads(out["payload"])
-        assert payload["images"].shape[1:] == (3, 32, 32) and np.isfinite(payload["images"]).all()
-        kept += payload["kept"]
-        skipped += payload["skipped"]
+        prepared = PreparedShard.from_row(out)
+        assert prepared.images.shape[1:] == (3, 32, 32) and prepared.images.dtype == np.uint8
+        kept += prepared.kept
+        skipped += prepared.skipped
     assert len(kept) + len(skipped) == len(rows)  # seen = scored + skipped
     assert all(s["skip_reason"] for s in skipped)
     skipped_sources = {s["source"] for s in skipped}

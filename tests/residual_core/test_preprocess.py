@@ -24,6 +24,7 @@ from residual_core.preprocess import (  # noqa: E402
     PreprocessError,
     View,
     get_preprocess,
+    normalise_uint8,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -213,6 +214,43 @@ def test_display_is_the_unnormalised_model_input(name):
     assert pixels.shape == (S, S, 3) and pixels.dtype == np.uint8
     unit = preset.image(image, S, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).permute(1, 2, 0).numpy()
     assert np.abs(pixels / 255.0 - unit).max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("name", PREPROCESS_NAMES)
+def test_eight_bit_presets_normalise_their_uint8_pixels_bit_for_bit(name):
+    """What the pipelines rely on to carry uint8 between processes: for a preset that says so, a batch
+    of `pixels_chw` normalised by `normalise_uint8` is exactly its `image()`; torch-bicubic says not."""
+    images = [decode_image(_photo(shape, "RGB", seed)) for seed, shape in enumerate(SHAPES)]
+    preset = get_preprocess(name)
+    batch = torch.from_numpy(np.stack([preset.pixels_chw(image, S) for image in images]))
+    assert batch.dtype == torch.uint8 and batch.shape == (len(images), 3, S, S)
+    expected = torch.stack([preset.image(image, S, CLIP_MEAN, CLIP_STD) for image in images])
+    got = normalise_uint8(batch, CLIP_MEAN, CLIP_STD)
+    assert got.dtype == torch.float32
+    assert preset.EIGHT_BIT_EXACT == (name != "torch-bicubic")
+    assert torch.equal(got, expected) == preset.EIGHT_BIT_EXACT
+
+
+def _every_level(batch: int = 2) -> torch.Tensor:
+    """uint8 [batch, 3, 16, 16] holding every 8-bit level in every channel."""
+    levels = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    return torch.stack([levels, levels.flip(0), levels.t()])[None].repeat(batch, 1, 1, 1)
+
+
+def test_normalise_uint8_is_to_tensor_then_normalize_at_every_level():
+    pixels = _every_level()
+    expected = T.Normalize(CLIP_MEAN, CLIP_STD)(pixels.float().div(255))
+    got = normalise_uint8(pixels, CLIP_MEAN, CLIP_STD)
+    assert got.dtype == torch.float32 and got.shape == pixels.shape and torch.equal(got, expected)
+    assert torch.equal(normalise_uint8(pixels[0], CLIP_MEAN, CLIP_STD), expected[0])  # one image
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalise_uint8_gives_the_same_bits_on_the_gpu():
+    pixels = _every_level()
+    got = normalise_uint8(pixels.cuda(), IMAGENET_MEAN, IMAGENET_STD)
+    assert got.is_cuda and torch.equal(got.cpu(), normalise_uint8(pixels, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def test_unknown_names_and_bad_sizes_are_refused():

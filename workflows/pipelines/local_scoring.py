@@ -52,7 +52,8 @@ class LocalScorer:
         return self.actor._method(self.job)
 
     def prepare(self, images) -> np.ndarray:
-        """PIL images -> [N, 3, S, S] float32, preprocessed exactly as `scoring.prepare_shard` does."""
+        """PIL images -> [N, 3, S, S] normalised float32: the model input `scoring.prepare_shard` gives,
+        bit for bit (it may carry 8-bit pixels to the actor, normalised there: `prepared.py`)."""
         from residual_core.preprocess import get_preprocess
 
         job = self.job

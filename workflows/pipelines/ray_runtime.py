@@ -125,6 +125,12 @@ def actor_cpus(num_actors: int) -> float:
     return max(0.25, min(1.0, (cpus - 0.5) / max(1, num_actors)))
 
 
+def torch_threads(num_cpus: float) -> int:
+    """Intra-op torch threads for a worker holding `num_cpus` CPUs (at least one): so actors sharing a
+    node do not each start a thread per core."""
+    return max(1, int(num_cpus))
+
+
 def wait_all(refs: list, label: str, progress: bool) -> list:
     """Results of Ray object refs as they finish, with a progress bar named `label`."""
     from tqdm import tqdm

@@ -5,7 +5,8 @@
    ahead within a byte budget; or a Parquet row range), decode them with the pixel limit (JPEGs over it
    decoded reduced; optionally every JPEG, `jpeg_draft`), preprocess (the job's preset, which also says
    which part of the original each map covers); anything unusable becomes a skipped row with its
-   reason (never an exception). Its memory is bounded per task (see `scan.decode_task_memory`).
+   reason (never an exception). Its memory is bounded per task (see `scan.decode_task_memory`). The
+   shard crosses Ray as numpy columns (`prepared.PreparedShard`, uint8 pixels where the preset allows).
 2. `ScanActor` (the `ScoringActor` pool, same model and bank caches): scores in batches, flags against
    the category's threshold, finds the top region, renders heat maps and overlay PNGs (the picture
    the model saw with the map on top: `reports.overlay`) of flagged images and commits the shard's
@@ -15,11 +16,11 @@
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Iterator
 
 import numpy as np
 
+from workflows.pipelines.prepared import PreparedShard, image_input, stack_images
 from workflows.pipelines.raw_images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_READ_TIMEOUT_S,
@@ -85,7 +86,7 @@ def prepare_scan_shard(task: dict) -> dict:
         try:
             image, original = decode_image_reduced(data, max_pixels=max_pixels, draft_size=draft,
                                                    reduce_over_limit=True)
-            images.append(preset.image(image, size, tuple(job.mean), tuple(job.std)).numpy())
+            images.append(image_input(preset, image, job))
         except ImageDecodeError as exc:
             skipped.append({**row, "reason": one_line(exc.reason)})
             continue
@@ -98,9 +99,7 @@ def prepare_scan_shard(task: dict) -> dict:
             view = View(view.left * sx, view.top * sy, view.width * sx, view.height * sy)
         kept.append({**row, "width": original[0], "height": original[1], "view": view.as_tuple()})
         del image  # one decoded image at a time
-    payload = {"images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
-               "kept": kept, "skipped": skipped}
-    return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}
+    return PreparedShard(stack_images(images, preset, size), kept, skipped).to_row(task)
 
 
 def _keys_only(shard: ScanShard) -> list[str]:
@@ -120,14 +119,14 @@ class ScanActor(ScoringActor):
 
         job = ScoringJob.from_json(task["job"])
         shard = ScanShard.from_dict(json.loads(task["shard"]))
-        payload = pickle.loads(task["payload"])
-        kept, skipped = payload["kept"], payload["skipped"]
+        prepared = PreparedShard.from_row(task)
+        kept, skipped = prepared.kept, prepared.skipped
         threshold = job.extra["thresholds"].get(shard.category)
         level, save_maps = float(job.extra["region_level"]), bool(job.extra["save_maps"])
         store = ScanStore(job.job_url)
         overlay = _OverlayRenderer(job, shard.category)
         scores, branches, regions, flags, maps, files = [], {}, [], [], [], {}
-        for start, stop, out in self.scored_batches(job, shard, payload["images"]):
+        for start, stop, out in self.scored_batches(job, shard, prepared.images):
             batch_scores = out.image_score.detach().float().cpu().numpy()
             anomaly_maps = out.anomaly_map.detach().float().cpu().numpy()
             scores.append(batch_scores)
@@ -140,7 +139,7 @@ class ScanActor(ScoringActor):
                 flags.append(flagged)
                 if flagged and save_maps:
                     path = store.overlay_path(shard.category, overlay_name(row["source"], row["image_id"]))
-                    files[path] = overlay(payload["images"][start + i], anomaly_maps[i],
+                    files[path] = overlay(prepared.images[start + i], anomaly_maps[i],
                                           float(batch_scores[i]), row["source"])
                     maps.append({"image_id": row["image_id"], "source": row["source"],
                                  "heatmap_png": heatmap_png(anomaly_maps[i]), "overlay": path})
@@ -167,15 +166,19 @@ class _OverlayRenderer:
         self.threshold, self.source = info.get("threshold"), info.get("source", "")
         self.limits = tuple(info["limits"]) if info.get("limits") else None
 
-    def __call__(self, normalised: np.ndarray, anomaly_map: np.ndarray, score: float, source: str) -> bytes:
+    def __call__(self, prepared: np.ndarray, anomaly_map: np.ndarray, score: float, source: str) -> bytes:
+        """`prepared`: the image as it crossed Ray, uint8 pixels or normalised float32 [3, S, S]."""
         from workflows.reports.overlay import display_image, overlay_limits, overlay_png
 
         limits = self.limits or overlay_limits(self.threshold, None) or (float(anomaly_map.min()),
                                                                          float(anomaly_map.max()) + 1e-6)
         caption = [f"{self.category}: score {score:.4g} > threshold {self.threshold:.4g} ({self.source})",
                    source]
-        return overlay_png(display_image(normalised, self.mean, self.std), anomaly_map, limits, caption,
-                           marker=self.threshold)
+        if prepared.dtype == np.uint8:  # the picture the model saw, as it is
+            picture = np.ascontiguousarray(prepared.transpose(1, 2, 0))
+        else:
+            picture = display_image(prepared, self.mean, self.std)
+        return overlay_png(picture, anomaly_map, limits, caption, marker=self.threshold)
 
 
 def _count(values) -> dict[str, int]:

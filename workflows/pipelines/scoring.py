@@ -2,18 +2,19 @@
 
 Ray Data runs two stages over a list of (job, shard) tasks:
 1. `prepare_shard` (CPU tasks): read the shard's needed columns, decode and preprocess images and
-   masks; a corrupt image becomes a skipped row with its reason.
+   masks; a corrupt image becomes a skipped row with its reason. The shard crosses Ray as numpy
+   columns (`prepared.PreparedShard`): uint8 pixels where the preset allows it, uint8 masks.
 2. `ScoringActor` (actor pool, `num_gpus` per actor when GPUs exist): caches backbones, methods and
    per-category banks, scores in batches of `batch_size`, reduces anomaly maps into a
    `GroupedAccumulator` per shard (the normals and each defect type apart, `metric_groups`), commits
-   the shard's outputs, and returns a small summary.
+   the shard's outputs, and returns a small summary. Each batch's reduction runs on one background
+   thread (`background.SerialWorker`, in order, bounded) while the next batch is scored.
 Nothing per-pixel reaches the driver. `evaluate` uses it; so can `scan`.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -21,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from workflows.pipelines.background import SerialWorker
 from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.metric_groups import group_of
+from workflows.pipelines.prepared import PreparedShard, image_input, model_input, stack_images
 from workflows.pipelines.shards import Shard, read_shard
 
 REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
@@ -67,8 +70,8 @@ class ScoringJob:
 
 
 def prepare_shard(task: dict) -> dict:
-    """Stage 1 (CPU): read one shard and preprocess it with the job's preset into arrays (pickled, one
-    row per shard)."""
+    """Stage 1 (CPU): read one shard and preprocess it with the job's preset into one Ray Data row of
+    numpy columns (`PreparedShard.to_row`)."""
     from residual_core.images import decode_image, decode_mask
     from residual_core.preprocess import get_preprocess
 
@@ -85,19 +88,14 @@ def prepare_shard(task: dict) -> dict:
             mask = None
             if row["mask"] is not None:
                 mask = decode_mask(row["mask"], image.size)
-            images.append(preset.image(image, size, tuple(job.mean), tuple(job.std)).numpy())
+            images.append(image_input(preset, image, job))
             masks.append(preset.mask(mask, size)[0].numpy().astype(np.uint8))
         except Exception as exc:  # noqa: BLE001 - any unreadable row is recorded, the run goes on
             skipped.append({**_meta(row), "skip_reason": f"{type(exc).__name__}: {exc}"[:500]})
             continue
         kept.append({**_meta(row), "has_mask": has_pixel_truth(row, pixel_gt)})
-    payload = {
-        "images": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
-        "masks": np.stack(masks) if masks else np.zeros((0, size, size), np.uint8),
-        "kept": kept,
-        "skipped": skipped,
-    }
-    return {"job": task["job"], "shard": task["shard"], "payload": pickle.dumps(payload)}
+    masks_array = np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)
+    return PreparedShard(stack_images(images, preset, size), kept, skipped, masks_array).to_row(task)
 
 
 def has_pixel_truth(row: dict, pixel_gt: bool) -> bool:
@@ -118,12 +116,18 @@ def _sampled(image_id: str, fraction: float) -> bool:
 
 
 class ScoringActor:
-    """Stage 2: scores prepared shards; caches models and banks across calls."""
+    """Stage 2: scores prepared shards; caches models and banks across calls. `num_cpus`: the actor's CPU
+    share, which sets its torch threads (`ray_runtime.torch_threads`); None (in-process use) leaves
+    them as they are."""
 
-    def __init__(self, batch_size: int = 8, max_cached: int = 2) -> None:
+    def __init__(self, batch_size: int = 8, max_cached: int = 2, num_cpus: float | None = None) -> None:
         import torch
 
         torch.set_grad_enabled(False)
+        if num_cpus is not None:
+            from workflows.pipelines.ray_runtime import torch_threads
+
+            torch.set_num_threads(torch_threads(num_cpus))
         self.batch_size = int(batch_size)
         self.max_cached = max_cached
         self._backbones: OrderedDict = OrderedDict()
@@ -170,8 +174,9 @@ class ScoringActor:
 
     def scored_batches(self, job: ScoringJob, shard, images: np.ndarray, *, raw: bool = False) -> Iterator:
         """The one batch loop of evaluate and scan: `(start, stop, output)` per batch of `batch_size`
-        prepared images [N, 3, S, S], scored by the job's cached method against the shard's cached bank;
-        `output` is a ScoreOutput, or with `raw` the method's `score_raw` arrays."""
+        prepared images [N, 3, S, S] (uint8 pixels or normalised float32: `prepared`), scored by the
+        job's cached method against the shard's cached bank; `output` is a ScoreOutput, or with `raw`
+        the method's `score_raw` arrays."""
         if len(images) == 0:
             return
         yield from self.batches_against(job, self._bank(job, shard, self._device(job)), images, raw=raw)
@@ -179,39 +184,44 @@ class ScoringActor:
     def batches_against(self, job: ScoringJob, bank, images: np.ndarray, *, raw: bool = False) -> Iterator:
         """`scored_batches` against a given (already loaded or just built) bank: the same loop, for
         local scoring on the driver (`local_scoring`) as well as the actors."""
-        import torch
-
         method = self._method(job)
         score = method.score_raw if raw else method.score
         for start in range(0, len(images), self.batch_size):
             stop = min(start + self.batch_size, len(images))
-            yield start, stop, score(torch.from_numpy(images[start:stop]).to(method.device), bank)
+            yield start, stop, score(model_input(images[start:stop], job.mean, job.std, method.device), bank)
 
     def __call__(self, task: dict) -> dict:
         job = ScoringJob.from_json(task["job"])
         shard = Shard.from_dict(json.loads(task["shard"]))
-        payload = pickle.loads(task["payload"])
-        kept = payload["kept"]
+        prepared = PreparedShard.from_row(task)
+        kept, skipped = prepared.kept, prepared.skipped
         normaliser = self._method(job).set_normaliser()  # known even for a shard with nothing to score
         outputs = ShardOutputs(job, kept)
         raw_parts: dict[str, list[np.ndarray]] = {}
-        batches = self.scored_batches(job, shard, payload["images"], raw=normaliser is not None)
-        for start, stop, out in batches:
-            if normaliser is None:
-                outputs.add(start, out, payload["masks"][start:stop])
-                continue
-            for name, value in out.items():  # finished per category by the reduce step
-                raw_parts.setdefault(name, []).append(value.detach().float().cpu().numpy())
-        summary = {"images": len(kept), "skipped": len(payload["skipped"]),
-                   "skip_reasons": [s["skip_reason"] for s in payload["skipped"]][:20]}
+        batches = self.scored_batches(job, shard, prepared.images, raw=normaliser is not None)
+        with SerialWorker() as reducer:  # batch i reduced while batch i + 1 is scored
+            for start, stop, out in batches:
+                if normaliser is None:
+                    reducer.submit(outputs.add, start, out, prepared.masks[start:stop])
+                else:  # finished per category by the reduce step
+                    reducer.submit(_keep_raw, raw_parts, out)
+            reducer.join()  # every batch reduced (a failure raised here) before the commit
+        summary = {"images": len(kept), "skipped": len(skipped),
+                   "skip_reasons": [s["skip_reason"] for s in skipped][:20]}
         raw = None
         if normaliser is not None:
             summary["normaliser"] = normaliser.to_dict()
-            raw = pack_raw({k: np.concatenate(v) for k, v in raw_parts.items()}, payload["masks"], kept,
-                           payload["skipped"])
-        outputs.commit(ShardStore(job.job_url), shard, payload["skipped"], summary, raw)
+            raw = pack_raw({k: np.concatenate(v) for k, v in raw_parts.items()}, prepared.masks, kept,
+                           skipped)
+        outputs.commit(ShardStore(job.job_url), shard, skipped, summary, raw)
         return {"job_id": job.job_id, "shard_id": shard.shard_id, "dataset": shard.dataset,
                 "category": shard.category, "summary": json.dumps(summary)}
+
+
+def _keep_raw(parts: dict[str, list[np.ndarray]], out: dict) -> None:
+    """A set-normalised method's raw batch outputs, on the CPU, appended per name."""
+    for name, value in out.items():
+        parts.setdefault(name, []).append(value.detach().float().cpu().numpy())
 
 
 class ShardOutputs:
@@ -329,7 +339,8 @@ def run_scoring(
     `prepare_fn` / `actor_cls` (default `prepare_shard` / `ScoringActor`) let `scan` reuse the same
     pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`.
     `prepare_memory`: bytes of Ray's `memory` resource each prepare (decode) task reserves, so a node
-    runs only as many decodes at once as its memory holds (None: no reservation)."""
+    runs only as many decodes at once as its memory holds (None: no reservation). `actor_num_cpus`:
+    each actor's CPU share (`ray_runtime.actor_cpus`), also its torch threads."""
     import ray
 
     if not tasks:
@@ -345,7 +356,7 @@ def run_scoring(
                                max_retries=max_retries)
         scored = prepared.map(
             actor_cls or ScoringActor,
-            fn_constructor_kwargs={"batch_size": batch_size},
+            fn_constructor_kwargs={"batch_size": batch_size, "num_cpus": actor_num_cpus},
             compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
             num_cpus=actor_num_cpus,
             num_gpus=num_gpus_per_actor or None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from workflows.pipelines import evaluate as evaluate_module
 from workflows.pipelines.evaluate import EvalSpec, job_url_for, run_evaluations
 from workflows.pipelines.index import BankRequest, plan_bank, read_images
 from workflows.pipelines.models import method_preprocess, probe_backbone
+from workflows.pipelines.prepared import PreparedShard, model_input
 from workflows.pipelines.scoring import ScoringJob, prepare_shard
 
 SIZE = 32
@@ -120,20 +120,21 @@ def test_evaluate_jobs_carry_the_method_preset_and_prepare_shard_applies_it(tmp_
 
     test_rows = sorted((r for r in _rows() if r["split"] == "test"), key=lambda r: r["source"])
     for name, (job, shard) in jobs.items():
-        out = prepare_shard({"job": job.to_json(), "shard": json.dumps(shard.to_dict())})
-        payload = pickle.loads(out["payload"])
+        payload = _prepared(job, shard)
         preset = get_preprocess(method_preprocess(MethodConfig(name)))
         by_source = {r["source"]: r for r in test_rows}
-        for i, kept in enumerate(payload["kept"]):
+        for i, kept in enumerate(payload.kept):
             row = by_source[kept["source"]]
             image = decode_image(row["image"])
-            expected = preset.image(image, SIZE, info.mean, info.std).numpy()
-            np.testing.assert_array_equal(payload["images"][i], expected)
+            expected = preset.image(image, SIZE, info.mean, info.std)
+            np.testing.assert_array_equal(model_input(payload.images[i], job.mean, job.std), expected)
             mask = decode_mask(row["mask"], image.size) if row["mask"] is not None else None
-            np.testing.assert_array_equal(payload["masks"][i], preset.mask(mask, SIZE)[0].numpy())
-        assert any(m.any() for m in payload["masks"])
-    resad = pickle.loads(prepare_shard({"job": jobs["resadpp"][0].to_json(),
-                                        "shard": json.dumps(jobs["resadpp"][1].to_dict())})["payload"])
-    square = pickle.loads(prepare_shard({"job": jobs["baseline"][0].to_json(),
-                                         "shard": json.dumps(jobs["baseline"][1].to_dict())})["payload"])
-    assert np.abs(resad["images"] - square["images"]).max() > 0.1  # centre crop vs whole image
+            np.testing.assert_array_equal(payload.masks[i], preset.mask(mask, SIZE)[0].numpy())
+        assert any(m.any() for m in payload.masks)
+    resad, square = (model_input(_prepared(*jobs[name]).images, info.mean, info.std)
+                     for name in ("resadpp", "baseline"))
+    assert (resad - square).abs().max() > 0.1  # centre crop vs whole image
+
+
+def _prepared(job: ScoringJob, shard) -> PreparedShard:
+    return PreparedShard.from_row(prepare_shard({"job": job.to_json(), "shard": json.dumps(shard.to_dict())}))
