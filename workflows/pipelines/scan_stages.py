@@ -174,11 +174,8 @@ class _OverlayRenderer:
                                                                          float(anomaly_map.max()) + 1e-6)
         caption = [f"{self.category}: score {score:.4g} > threshold {self.threshold:.4g} ({self.source})",
                    source]
-        if prepared.dtype == np.uint8:  # the picture the model saw, as it is
-            picture = np.ascontiguousarray(prepared.transpose(1, 2, 0))
-        else:
-            picture = display_image(prepared, self.mean, self.std)
-        return overlay_png(picture, anomaly_map, limits, caption, marker=self.threshold)
+        return overlay_png(display_image(prepared, self.mean, self.std), anomaly_map, limits, caption,
+                           marker=self.threshold)
 
 
 def _count(values) -> dict[str, int]:

@@ -54,9 +54,12 @@ def run_map_limits(maps: list[np.ndarray]) -> tuple[float, float]:
     return map_range(list(maps), FLOOR_PERCENTILE, HIGH_PERCENTILE) or (0.0, 1.0)
 
 
-def display_image(normalised: np.ndarray, mean, std) -> np.ndarray:
-    """[3, S, S] model input (normalised) -> [S, S, 3] uint8: the picture the model saw."""
-    pixels = normalised.transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+def display_image(prepared: np.ndarray, mean, std) -> np.ndarray:
+    """[3, S, S] model input as it crosses Ray (uint8 pixels, or normalised float32) -> [S, S, 3] uint8:
+    the picture the model saw."""
+    if prepared.dtype == np.uint8:  # the 8-bit pixels themselves
+        return np.ascontiguousarray(prepared.transpose(1, 2, 0))
+    pixels = prepared.transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
     return (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 

@@ -87,8 +87,14 @@ def merged_output(logp_maps: Sequence[Tensor], prob_maps: Sequence[Tensor], logp
     `branch` "likelihood" or "boundary" (an ablation) makes that branch's map the anomaly map."""
     likelihood = likelihood_anomaly_map(logp_maps, logp_offsets, size, sigma, flip)
     boundary = boundary_anomaly_map(prob_maps, size, sigma)
-    merged = {"both": lambda: (likelihood + boundary) / 2, "likelihood": lambda: likelihood,
-              "boundary": lambda: boundary}[branch]()
+    if branch == "likelihood":
+        merged = likelihood
+    elif branch == "boundary":
+        merged = boundary
+    elif branch == "both":
+        merged = (likelihood + boundary) / 2
+    else:
+        raise ValueError(f"branch must be 'both', 'likelihood' or 'boundary', got {branch!r}")
     return ScoreOutput(
         anomaly_map=merged.float(),
         image_score=image_scores(merged).float(),
