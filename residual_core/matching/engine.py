@@ -27,7 +27,7 @@ from residual_core import faiss_index
 from residual_core.matching import knn
 from residual_core.matching.penalties import grid_positions, spatial_penalty
 from residual_core.matching.strategy import MatchStrategy
-from residual_core.matching.weighting import sparsemax, sparsemax_threshold
+from residual_core.matching.weighting import pruned_sparsemax_threshold, sparsemax, sparsemax_threshold
 
 PATHS = ("torch", "faiss")
 DEFAULT_CANDIDATES = 64
@@ -222,7 +222,8 @@ class _Context:
         if self.strategy.weighting != "sparsemax":
             return self._searched(rows, pooled_rows, positions, max_elements)
         total = self.reference.features.shape[0]
-        step = max(1, max_elements // total)
+        # cache-sized row blocks: the threshold re-reads its block's scores several times
+        step = max(1, min(max_elements, knn.default_block_bytes(rows.device) // rows.element_size()) // total)
         outputs = [
             self._dense_block(
                 rows[i : i + step],
@@ -262,14 +263,16 @@ class _Context:
         return _weighted_sum(weights, columns, ref.features, max_elements), None
 
     def _dense_block(self, rows, pooled_rows, positions):
-        """Sparsemax over all references for one block of rows (dense [rows, N] scores)."""
+        """Sparsemax over all references for one block of rows (dense [rows, N] scores; the threshold
+        without sorting rows: `pruned_sparsemax_threshold`)."""
         ref = self.reference
         search = rows @ ref.features.T
         if pooled_rows is not None:
             search = (pooled_rows @ ref.pooled.T + search) / 2
         penalty = None if ref.positions is None else self.penalty(positions[:, None, :], ref.positions[None])
-        ranked = search if penalty is None else search - penalty
-        return sparsemax(ranked) @ ref.features, None
+        ranked = search if penalty is None else search.sub_(penalty)
+        weights = ranked.sub_(pruned_sparsemax_threshold(ranked)).clamp_(min=0.0)
+        return weights @ ref.features, None
 
     # ---- FAISS candidates ----
     def with_candidates(self, rows, pooled_rows, positions, index, candidates, max_elements):

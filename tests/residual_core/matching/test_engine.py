@@ -56,6 +56,22 @@ def test_torch_path_reproduces_the_formulas(text, pooling):
     assert result.matched.shape == queries.shape and result.anomaly_map.shape == queries.shape[:2]
 
 
+@pytest.mark.parametrize("text", ["sparse_radial_knn", "sparse_local_knn", "sparse_knn"])
+@pytest.mark.parametrize("noise", [0.05, 0.3, 3.0])  # peaked to flat similarities: small to large supports
+def test_sparsemax_over_a_bank_large_enough_to_prune(text, noise):
+    """Banks of hundreds of references take the pruned threshold (no row sorts): still the formulas."""
+    side, shots = 14, 3
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(side * side, DIM, generator=g)
+    references = torch.cat([base + noise * torch.randn(base.shape, generator=g) for _ in range(shots)])
+    queries = normalised(torch.stack([base + noise * torch.randn(base.shape, generator=g) for _ in range(2)]))
+    positions = grid_positions((side, side)).repeat(shots, 1)
+    strategy = parse_strategy(text, spatial_penalty=0.01)
+    result = match(queries, prepare_reference(references, positions, (side, side)), strategy)
+    expected = oracle_match(queries, normalised(references), shots, strategy)
+    assert torch.allclose(result.matched.double(), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("text", STRATEGIES)
 @pytest.mark.parametrize(("pooling", "noise"), [(False, 0.3), (True, 0.3), (False, 3.0)])
 def test_exact_faiss_path_equals_brute_force(text, pooling, noise):

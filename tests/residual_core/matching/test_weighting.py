@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from residual_core.matching import sparsemax, topk_softmax
-from residual_core.matching.weighting import sparsemax_threshold
+from residual_core.matching.weighting import pruned_sparsemax_threshold, sparsemax_threshold
 
 
 def bisection_sparsemax(scores: torch.Tensor, steps: int = 100) -> torch.Tensor:
@@ -40,6 +40,35 @@ def test_sparsemax_is_a_sparse_distribution_and_matches_bisection():
     assert torch.allclose(sparsemax(scores + 10.0), weights, atol=1e-5)  # shift invariance
     tau = sparsemax_threshold(scores)
     assert torch.allclose((scores - tau).clamp_min(0), weights, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 5, 63, 64, 100, 1000, 3136])
+@pytest.mark.parametrize("spread", [3.0, 0.05, 0.002])  # wide spread: tiny support; narrow: hundreds of columns
+def test_pruned_threshold_equals_the_sorted_threshold(width, spread):
+    generator = torch.Generator().manual_seed(width)
+    scores = torch.randn(3, 40, width, generator=generator, dtype=torch.float64) * spread
+    pruned = pruned_sparsemax_threshold(scores)
+    assert pruned.shape == (3, 40, 1)
+    torch.testing.assert_close(pruned, sparsemax_threshold(scores), atol=1e-12, rtol=0)
+    weights = (scores - pruned).clamp_min(0)
+    torch.testing.assert_close(weights, bisection_sparsemax(scores), atol=1e-9, rtol=0)
+
+
+def test_pruned_threshold_with_ties_masked_columns_and_float32():
+    generator = torch.Generator().manual_seed(3)
+    tied = torch.zeros(4, 500)  # every score equal: all in the support, weight 1/500 each
+    tied[1] = 0.25
+    masked = torch.randn(4, 500, generator=generator)
+    masked[:, ::3] = -1.0e6  # stand-ins for "no candidate"
+    repeated = torch.randint(0, 4, (4, 500), generator=generator).float() / 100  # many exactly tied maxima
+    for scores in (tied, masked, repeated):
+        torch.testing.assert_close(pruned_sparsemax_threshold(scores), sparsemax_threshold(scores), atol=1e-6, rtol=0)
+    assert torch.allclose((tied - pruned_sparsemax_threshold(tied)).clamp_min(0), torch.full((4, 500), 1 / 500))
+
+
+def test_pruned_threshold_needs_scores():
+    with pytest.raises(ValueError, match="at least one score"):
+        pruned_sparsemax_threshold(torch.empty(2, 0))
 
 
 def test_sparsemax_along_another_dim():
