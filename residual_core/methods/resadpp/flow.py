@@ -12,6 +12,7 @@ import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -35,10 +36,15 @@ def position_encoding(dim: int, height: int, width: int) -> Tensor:
     return encoding
 
 
+def position_table(dim: int, height: int, width: int, device: torch.device | str) -> Tensor:
+    """Positional condition of each grid position [H*W, dim] in (h, w) order."""
+    return position_encoding(dim, height, width).to(device).permute(1, 2, 0).reshape(height * width, dim)
+
+
 def position_rows(dim: int, batch: int, height: int, width: int, device: torch.device | str) -> Tensor:
     """Positional condition per flattened position [B*H*W, dim] in (b, h, w) order."""
-    encoding = position_encoding(dim, height, width).to(device)
-    return encoding.permute(1, 2, 0).reshape(1, height * width, dim).expand(batch, -1, -1).reshape(-1, dim)
+    table = position_table(dim, height, width, device)
+    return table.unsqueeze(0).expand(batch, -1, -1).reshape(-1, dim)
 
 
 def _subnet_fc(dims_in: int, dims_out: int) -> nn.Module:
@@ -71,9 +77,68 @@ class LevelFlow(nn.Module):
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.inn(z, c=self._cond(cond), rev=True)
 
+    @torch.no_grad()
+    def condition_terms(self, table: Tensor) -> list[Tensor]:
+        """Per coupling block, W_c c + b of the first subnet layer for each row c of `table` [P, cond_dim]:
+        what `forward_positions` adds per row (compute once per grid, reuse for every chunk of rows)."""
+        if self.cond_dim is None or table.shape[-1] != self.cond_dim:
+            raise ValueError(f"condition terms need a conditional flow and a table [P, {self.cond_dim}]")
+        terms = []
+        for block in self.inn.module_list:
+            _check_plain_block(block)
+            first = block.subnet[0]
+            terms.append(F.linear(table, first.weight[:, block.splits[0]:], first.bias))
+        return terms
+
+    @torch.no_grad()
+    def forward_positions(self, x: Tensor, positions: Tensor, terms: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """`forward(x, table[positions])` for inference, given `condition_terms(table)` (no gradient; equal
+        up to float summation order).
+
+        Why: the first subnet layer sees [x1, condition] with a 256-wide positional condition against
+        12-56 feature channels, and every image of a batch repeats the same positions; splitting the
+        layer's weight, W [x1; c] + b = W_x x1 + (W_c c + b), leaves per row only the narrow W_x part.
+        positions: [N] long indices into the table's rows.
+        """
+        if len(terms) != len(self.inn.module_list) or positions.shape != x.shape[:1]:
+            raise ValueError(f"need one condition term per coupling block and positions [{x.shape[0]}]")
+        log_jac = x.new_zeros(x.shape[0])
+        for block, term in zip(self.inn.module_list, terms, strict=True):
+            first, _, second = block.subnet
+            width = block.splits[0]
+            x1, x2 = x.split(block.splits, dim=1)
+            hidden = torch.addmm(term.index_select(0, positions), x1, first.weight[:, :width].T)
+            coefficients = F.linear(hidden.relu_(), second.weight, second.bias) * 0.1
+            channels = x2.shape[1]
+            log_scale = block.clamp * torch.tanh(coefficients[:, :channels])  # FrEIA's _affine
+            x2 = x2 * torch.exp(log_scale) + coefficients[:, channels:]
+            scale = block.global_scale_activation(block.global_scale)  # FrEIA's _permute
+            x = F.linear(torch.cat((x1, x2), dim=1) * scale + block.global_offset, block.w_perm)
+            log_jac = log_jac + log_scale.sum(dim=1) + torch.log(scale).sum()
+        return x, log_jac
+
     def _cond(self, cond: Tensor | None) -> list[Tensor] | None:
         if self.cond_dim is None:
             return None
         if cond is None or cond.shape[-1] != self.cond_dim:
             raise ValueError(f"conditional flow needs a condition of width {self.cond_dim}")
         return [cond]
+
+
+def _check_plain_block(block: nn.Module) -> None:
+    """`forward_positions` restates the AllInOneBlock configuration built above and nothing else."""
+    subnet = getattr(block, "subnet", None)
+    plain = (
+        isinstance(block, Fm.AllInOneBlock)
+        and not block.householder
+        and not block.reverse_pre_permute
+        and not block.GIN
+        and block.input_rank == 0
+        and isinstance(subnet, nn.Sequential)
+        and len(subnet) == 3
+        and isinstance(subnet[0], nn.Linear)
+        and isinstance(subnet[1], nn.ReLU)
+        and isinstance(subnet[2], nn.Linear)
+    )
+    if not plain:
+        raise ValueError("forward_positions supports the flows built by LevelFlow only")

@@ -14,7 +14,7 @@ from residual_core.methods.resadpp import checkpoint as ckpt
 from residual_core.methods.resadpp.boundary import BoundaryAverager
 from residual_core.methods.resadpp.config import ResADppConfig
 from residual_core.methods.resadpp.constraintor import MultiLevelConstraintor
-from residual_core.methods.resadpp.flow import position_rows
+from residual_core.methods.resadpp.flow import position_table
 from residual_core.methods.resadpp.losses import gaussian_logp
 from residual_core.methods.resadpp.residuals import grouped_residual_maps, residual_maps, token_maps
 from residual_core.methods.resadpp.scoring import TestSetNormaliser, merged_output, raw_batch
@@ -131,12 +131,17 @@ class ResADpp(AnomalyMethod):
         """Per-position (normal, abnormal) log-likelihoods [B, H, W], in position_batch chunks."""
         b, c, h, w = features.shape
         rows = features.permute(0, 2, 3, 1).reshape(-1, c)
-        pos = position_rows(self.config.pos_embed_dim, b, h, w, rows.device) if self.config.conditional_flow \
-            else None
+        flow = self.flows[level]
+        if self.config.conditional_flow:  # each block's condition term once per grid position, not per row
+            terms = flow.condition_terms(position_table(self.config.pos_embed_dim, h, w, rows.device))
+            positions = torch.arange(rows.shape[0], device=rows.device) % (h * w)  # rows are (b, h, w)
         normal, abnormal = [], []
         for start in range(0, rows.shape[0], self.config.position_batch):
             chunk = slice(start, start + self.config.position_batch)
-            z, log_jac = self.flows[level](rows[chunk], pos[chunk] if pos is not None else None)
+            if self.config.conditional_flow:
+                z, log_jac = flow.forward_positions(rows[chunk], positions[chunk], terms)
+            else:
+                z, log_jac = flow(rows[chunk])
             normal.append(gaussian_logp(z, log_jac, 0.0))
             abnormal.append(gaussian_logp(z, log_jac, 1.0))
         return torch.cat(normal).reshape(b, h, w), torch.cat(abnormal).reshape(b, h, w)
