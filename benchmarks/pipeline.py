@@ -291,19 +291,36 @@ def _patched(owner, name: str, value):
         setattr(owner, name, original)
 
 
-def _pipeline(config, actors: int) -> float:
-    """Images/s of the evaluate pipeline (fresh output, banks prebuilt, actor start-up included)."""
+def _pipeline(config, actors: int) -> tuple[float, float, float]:
+    """The evaluate pipeline (fresh output, banks prebuilt): (images/s overall, actor start-up included;
+    seconds until the first shard was scored and committed; images/s from then to the last shard, the
+    steady state that a long run approaches)."""
+    import json
     from dataclasses import replace
 
-    from workflows.pipelines.evaluate import run_evaluate
+    from workflows.pipelines import evaluate
 
     fresh = replace(config, evaluate=replace(config.evaluate, num_actors=actors),
                     output=f"{config.output}-{actors}-actors")
     shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")  # banks: not timed
     config = fresh
+    finished = []  # (seconds since start, images) per shard, as the pipeline yields them
+    run_scoring = evaluate.run_scoring
+
+    def timed_scoring(*args, **kwargs):
+        for row in run_scoring(*args, **kwargs):
+            finished.append((time.perf_counter() - start, json.loads(row["summary"])["images"]))
+            yield row
+
     start = time.perf_counter()
-    (result,) = run_evaluate(config, progress=False)
-    return result.counts["images"] / (time.perf_counter() - start)
+    with _patched(evaluate, "run_scoring", timed_scoring):
+        (result,) = evaluate.run_evaluate(config, progress=False)
+    overall = result.counts["images"] / (time.perf_counter() - start)
+    first = finished[0][0]
+    later = sum(images for _, images in finished[1:])
+    span = finished[-1][0] - first
+    steady = later / span if span > 0 else float("nan")
+    return overall, first, steady
 
 
 def main() -> None:
@@ -348,8 +365,10 @@ def main() -> None:
         init_ray(num_cpus=args.cpus)
         run_index(config)
         bare, count = _bare_forward(config, args.batch_size, device, repeats=3)
+        load = os.getloadavg()
         print(f"device={device} images={count} batch={args.batch_size} size={args.image_size}px "
-              f"shard={args.shard_size} cpus={args.cpus or os.cpu_count()}")
+              f"shard={args.shard_size} cpus={args.cpus or os.cpu_count()} "
+              f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
         print(f"bare backbone forward      : {bare:8.1f} images/s")
         one_thread, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1)
         method_rate, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1,
@@ -357,9 +376,12 @@ def main() -> None:
         print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
         print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
         for actors in args.actors:
-            rate = _pipeline(config, actors)
-            share = 100 * rate / bare
-            print(f"evaluate pipeline, {actors} actor(s): {rate:8.1f} images/s  ({share:5.1f}% of bare)")
+            rate, first, steady = _pipeline(config, actors)
+            print(f"evaluate pipeline, {actors} actor(s): {rate:8.1f} images/s "
+                  f"({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
+                  f"then {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
+        load = os.getloadavg()
+        print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
