@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from workflows.pipelines.background import SerialWorker
 from workflows.pipelines.prepared import PreparedShard, image_input, stack_images
 from workflows.pipelines.raw_images import (
     DEFAULT_MAX_BYTES,
@@ -126,7 +127,9 @@ class ScanActor(ScoringActor):
         store = ScanStore(job.job_url)
         overlay = _OverlayRenderer(job, shard.category)
         scores, branches, regions, flags, maps, files = [], {}, [], [], [], {}
-        for start, stop, out in self.scored_batches(job, shard, prepared.images):
+
+        def reduce_batch(start: int, stop: int, out) -> None:
+            """Scores, regions, flags and overlays of one batch (on the background thread, in order)."""
             batch_scores = out.image_score.detach().float().cpu().numpy()
             anomaly_maps = out.anomaly_map.detach().float().cpu().numpy()
             scores.append(batch_scores)
@@ -143,6 +146,11 @@ class ScanActor(ScoringActor):
                                           float(batch_scores[i]), row["source"])
                     maps.append({"image_id": row["image_id"], "source": row["source"],
                                  "heatmap_png": heatmap_png(anomaly_maps[i]), "overlay": path})
+
+        with SerialWorker(name="scan-reduce") as reducer:  # batch i reduced while batch i + 1 is scored
+            for start, stop, out in self.scored_batches(job, shard, prepared.images):
+                reducer.submit(reduce_batch, start, stop, out)
+            reducer.join()  # every batch reduced (a failure raised here) before the commit
         tables = {
             "results": _results(shard, kept, scores, branches, regions, flags, threshold),
             "skipped": _skipped(shard, skipped),
