@@ -135,7 +135,7 @@ def match(
     pooled_rows = pool_tokens(query.float(), grid).reshape(batch * cells, dim) if strategy.pooling else None
     context = _Context(reference, strategy, grid)
     if path == "torch":
-        matched, nearest = context.dense(rows, pooled_rows, row_positions, max_elements)
+        matched, nearest = context.dense(rows, pooled_rows, row_positions, max_elements, batch=batch)
         fallback = 0
     else:
         matched, nearest, fallback = context.with_candidates(
@@ -216,14 +216,18 @@ class _Context:
         )
 
     # ---- brute force ----
-    def dense(self, rows, pooled_rows, positions, max_elements):
+    def dense(self, rows, pooled_rows, positions, max_elements, batch=None):
         """Exact result for every row. 1-NN and top-K: blocked exact search (`knn.exact_search`) of the
-        penalised search scores; sparsemax (needs every score of a row): dense row blocks."""
+        penalised search scores; sparsemax (needs every score of a row): dense row blocks. `batch`: the
+        rows are `batch` whole query grids in order (what `match` passes), so blocks may run by position."""
         if self.strategy.weighting != "sparsemax":
             return self._searched(rows, pooled_rows, positions, max_elements)
         total = self.reference.features.shape[0]
         # cache-sized row blocks: the threshold re-reads its block's scores several times
-        step = max(1, min(max_elements, knn.default_block_bytes(rows.device) // rows.element_size()) // total)
+        budget = min(max_elements, knn.default_block_bytes(rows.device) // rows.element_size())
+        if batch and self.reference.positions is not None and self.strategy.has_penalty:
+            return self._dense_by_position(rows, pooled_rows, batch, budget)
+        step = max(1, budget // total)
         outputs = [
             self._dense_block(
                 rows[i : i + step],
@@ -261,6 +265,27 @@ class _Context:
         similarity = torch.einsum("rd,rkd->rk", rows, ref.features[columns])  # true similarity, exact
         weights = torch.softmax(similarity / strategy.temperature, dim=-1)
         return _weighted_sum(weights, columns, ref.features, max_elements), None
+
+    def _dense_by_position(self, rows, pooled_rows, batch, budget):
+        """Sparsemax of `batch` whole grids in blocks of grid positions taken across the batch: each block's
+        penalty [positions, N] is computed once for every image instead of once per row."""
+        ref, dim = self.reference, rows.shape[1]
+        total, cells = ref.features.shape[0], rows.shape[0] // batch
+        width = max(1, budget // (total * batch))  # grid positions per block
+        query = rows.view(batch, cells, dim)
+        pooled = None if pooled_rows is None else pooled_rows.view(batch, cells, dim)
+        cell_positions = grid_positions(self.grid, device=rows.device)
+        matched = torch.empty_like(query)
+        for p0 in range(0, cells, width):
+            cols = slice(p0, min(cells, p0 + width))
+            search = query[:, cols].reshape(-1, dim) @ ref.features.T
+            if pooled is not None:
+                search = (pooled[:, cols].reshape(-1, dim) @ ref.pooled.T + search) / 2
+            penalty = self.penalty(cell_positions[cols, None, :], ref.positions[None])
+            ranked = search.view(batch, -1, total).sub_(penalty).view(-1, total)
+            weights = ranked.sub_(pruned_sparsemax_threshold(ranked)).clamp_(min=0.0)
+            matched[:, cols] = (weights @ ref.features).view(batch, -1, dim)
+        return matched.view(-1, dim), None
 
     def _dense_block(self, rows, pooled_rows, positions):
         """Sparsemax over all references for one block of rows (dense [rows, N] scores; the threshold
