@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from residual_core.matching import knn
+
 _ARGMIN_CHUNK = 16384  # rows per cdist block: bounds memory at chunk * num_embeddings
 
 
@@ -34,10 +36,15 @@ class ResidualCodebook(nn.Module):
         )
 
     def quantize_map(self, features: Tensor) -> Tensor:
-        """[B, C, H, W] -> nearest code per position, same shape (VectorQuantizer.get_condebook_entry)."""
+        """[B, C, H, W] -> nearest code per position, same shape (VectorQuantizer.get_condebook_entry).
+
+        Scoring only: the code is found by the exact blocked search (`knn.nearest`, squared L2) rather than
+        `cdist` + `argmin` (what training's `nearest` keeps, as the authors): the same code except where two
+        codes are equally near to float rounding, several times faster (benchmarks/RESULTS.md)."""
         b, c, h, w = features.shape
         flat = features.permute(0, 2, 3, 1).reshape(-1, c)
-        quantized = self.embedding(self.nearest(flat))
+        _, indices = knn.nearest(flat.detach(), self.embedding.weight.detach(), metric="l2")
+        quantized = self.embedding(indices)
         return quantized.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 

@@ -41,6 +41,17 @@ def test_vq_quantize_shapes_and_codes():
     assert codes.abs().max() <= 1 / 5  # uniform(-1/n, 1/n) initialisation
 
 
+def test_vq_scoring_lookup_picks_the_codes_training_picks():
+    """quantize_map (exact blocked search) and training's cdist + argmin agree on ties-free data."""
+    codebook = ResidualCodebook(300, 12)
+    with torch.no_grad():
+        codebook.embedding.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    features = 0.3 * torch.randn(2, 12, 20, 20, generator=torch.Generator().manual_seed(5))
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 12)
+    expected = codebook.embedding(codebook.nearest(flat)).reshape(2, 20, 20, 12).permute(0, 3, 1, 2)
+    assert torch.equal(codebook.quantize_map(features), expected)
+
+
 def test_vq_loss_sees_only_normal_positions():
     torch.manual_seed(0)
     codebook = ResidualCodebook(4, 3, beta=0.25)
