@@ -80,7 +80,7 @@ class LevelFlow(nn.Module):
     @torch.no_grad()
     def condition_terms(self, table: Tensor) -> list[Tensor]:
         """Per coupling block, W_c c + b of the first subnet layer for each row c of `table` [P, cond_dim]:
-        what `forward_positions` adds per row (compute once per grid, reuse for every chunk of rows)."""
+        what `forward_grids` adds to every grid (compute once per grid size, reuse for every chunk)."""
         if self.cond_dim is None or table.shape[-1] != self.cond_dim:
             raise ValueError(f"condition terms need a conditional flow and a table [P, {self.cond_dim}]")
         terms = []
@@ -91,23 +91,25 @@ class LevelFlow(nn.Module):
         return terms
 
     @torch.no_grad()
-    def forward_positions(self, x: Tensor, positions: Tensor, terms: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """`forward(x, table[positions])` for inference, given `condition_terms(table)` (no gradient; equal
-        up to float summation order).
+    def forward_grids(self, x: Tensor, terms: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """`forward(x, table rows repeated per grid)` for inference, given `condition_terms(table)`: x holds
+        whole grids, [n * P, D] in (grid, position) order (no gradient; equal up to float summation order).
 
         Why: the first subnet layer sees [x1, condition] with a 256-wide positional condition against
         12-56 feature channels, and every image of a batch repeats the same positions; splitting the
-        layer's weight, W [x1; c] + b = W_x x1 + (W_c c + b), leaves per row only the narrow W_x part.
-        positions: [N] long indices into the table's rows.
+        layer's weight, W [x1; c] + b = W_x x1 + (W_c c + b), leaves per row only the narrow W_x part,
+        and the per-position term is added to each grid in place.
         """
-        if len(terms) != len(self.inn.module_list) or positions.shape != x.shape[:1]:
-            raise ValueError(f"need one condition term per coupling block and positions [{x.shape[0]}]")
+        positions = terms[0].shape[0] if terms else 0
+        if len(terms) != len(self.inn.module_list) or not positions or x.shape[0] % positions:
+            raise ValueError(f"need a condition term per coupling block and whole grids of {positions} rows")
         log_jac = x.new_zeros(x.shape[0])
         for block, term in zip(self.inn.module_list, terms, strict=True):
             first, _, second = block.subnet
             width = block.splits[0]
             x1, x2 = x.split(block.splits, dim=1)
-            hidden = torch.addmm(term.index_select(0, positions), x1, first.weight[:, :width].T)
+            hidden = torch.mm(x1, first.weight[:, :width].T)
+            hidden.view(-1, positions, hidden.shape[1]).add_(term)
             coefficients = F.linear(hidden.relu_(), second.weight, second.bias) * 0.1
             channels = x2.shape[1]
             log_scale = block.clamp * torch.tanh(coefficients[:, :channels])  # FrEIA's _affine

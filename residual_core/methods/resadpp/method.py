@@ -128,20 +128,19 @@ class ResADpp(AnomalyMethod):
         return TestSetNormaliser(len(self.channels), size, cfg.smoothing_sigma, cfg.score_branch)
 
     def _flow_logps(self, level: int, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position (normal, abnormal) log-likelihoods [B, H, W], in position_batch chunks."""
+        """Per-position (normal, abnormal) log-likelihoods [B, H, W], in chunks of position_batch rows
+        (conditional flows: of whole grids, at least one)."""
         b, c, h, w = features.shape
         rows = features.permute(0, 2, 3, 1).reshape(-1, c)
         flow = self.flows[level]
+        step = self.config.position_batch
         if self.config.conditional_flow:  # each block's condition term once per grid position, not per row
             terms = flow.condition_terms(position_table(self.config.pos_embed_dim, h, w, rows.device))
-            positions = torch.arange(rows.shape[0], device=rows.device) % (h * w)  # rows are (b, h, w)
+            step = max(1, step // (h * w)) * h * w  # whole grids per chunk (at least one)
         normal, abnormal = [], []
-        for start in range(0, rows.shape[0], self.config.position_batch):
-            chunk = slice(start, start + self.config.position_batch)
-            if self.config.conditional_flow:
-                z, log_jac = flow.forward_positions(rows[chunk], positions[chunk], terms)
-            else:
-                z, log_jac = flow(rows[chunk])
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start:start + step]
+            z, log_jac = flow.forward_grids(chunk, terms) if self.config.conditional_flow else flow(chunk)
             normal.append(gaussian_logp(z, log_jac, 0.0))
             abnormal.append(gaussian_logp(z, log_jac, 1.0))
         return torch.cat(normal).reshape(b, h, w), torch.cat(abnormal).reshape(b, h, w)

@@ -114,33 +114,32 @@ def test_flow_is_invertible(cond_dim):
 
 
 @pytest.mark.parametrize("dim", [6, 7])  # odd widths split unevenly
-def test_forward_positions_equals_the_flow_on_repeated_conditions(dim):
+def test_forward_grids_equals_the_flow_on_repeated_conditions(dim):
     """The inference path that adds each position's condition term equals FrEIA's forward on the rows."""
     flow = LevelFlow(dim, coupling_layers=3, clamp_alpha=1.9, cond_dim=8, seed=0).eval()
     with torch.no_grad():
         for parameter in flow.parameters():  # away from the near-identity initialisation
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-    table = position_table(8, 3, 5, "cpu")
-    x = torch.randn(2 * 15, dim, generator=torch.Generator().manual_seed(2))
-    positions = torch.arange(30) % 15
+    x = torch.randn(3 * 15, dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected_z, expected_log_jac = flow(x, position_rows(8, 2, 3, 5, "cpu"))
-        terms = flow.condition_terms(table)
-        z, log_jac = flow.forward_positions(x, positions, terms)
-        tail_z, tail_log_jac = flow.forward_positions(x[7:19], positions[7:19], terms)  # any chunk of rows
+        expected_z, expected_log_jac = flow(x, position_rows(8, 3, 3, 5, "cpu"))
+        terms = flow.condition_terms(position_table(8, 3, 5, "cpu"))
+        z, log_jac = flow.forward_grids(x, terms)
+        one_z, one_log_jac = flow.forward_grids(x[15:30], terms)  # any whole grid alone
     torch.testing.assert_close(z, expected_z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(log_jac, expected_log_jac, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tail_z, z[7:19], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(tail_log_jac, log_jac[7:19], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one_z, z[15:30], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one_log_jac, log_jac[15:30], atol=1e-6, rtol=1e-6)
 
 
-def test_forward_positions_needs_a_conditional_flow_and_one_term_per_block():
+def test_forward_grids_needs_a_conditional_flow_and_whole_grids():
     flow = LevelFlow(6, coupling_layers=2, clamp_alpha=1.9, cond_dim=None, seed=0)
     with pytest.raises(ValueError, match="conditional flow"):
         flow.condition_terms(torch.zeros(3, 4))
     conditional = LevelFlow(6, coupling_layers=2, clamp_alpha=1.9, cond_dim=4, seed=0)
-    with pytest.raises(ValueError, match="one condition term per coupling block"):
-        conditional.forward_positions(torch.zeros(3, 6), torch.zeros(3, dtype=torch.long), [])
+    terms = conditional.condition_terms(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="whole grids of 5 rows"):
+        conditional.forward_grids(torch.zeros(7, 6), terms)
 
 
 def test_flow_log_det_matches_numerical_jacobian():
