@@ -43,3 +43,19 @@ def test_finetune_trains_visual_adapters_only(cnn_backbone):
     assert len(logged) == method.planned_steps(data) == 2  # the progress bar's total
     changed = [k for k, v in method.adapters.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(k.startswith("vis_adapters.") for k in changed)
+
+
+def test_visual_branch_scores_as_with_the_sorted_sparsemax(cnn_backbone, monkeypatch):
+    """The pruned threshold and position blocks change nothing but float rounding: maps and scores as
+    with the sort-based threshold on every row (banks of 512 tokens at the first level: pruned)."""
+    from residual_core.matching import engine
+    from residual_core.matching.weighting import sparsemax_threshold
+
+    bank = make_bank(cnn_backbone, textured_images(2, 64, seed=3))
+    queries = textured_images(3, 64, seed=5)
+    queries[1, :, 8:40, 8:40] += 3.0
+    fast = create_method("res2clip", cnn_backbone).score(queries, bank)
+    monkeypatch.setattr(engine, "pruned_sparsemax_threshold", sparsemax_threshold)
+    before = create_method("res2clip", cnn_backbone).score(queries, bank)
+    torch.testing.assert_close(fast.anomaly_map, before.anomaly_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.image_score, before.image_score, atol=1e-5, rtol=1e-5)

@@ -133,3 +133,45 @@ def test_bad_inputs_raise_clear_errors(cnn_backbone, clip_backbone):
     only_anomalies.labels = torch.ones(4, dtype=torch.long)
     with pytest.raises(MethodError, match="stage 1 needs normal"):
         method.fit([only_anomalies])
+
+
+def _flow_logps_through_freia(self, level, features):
+    """The scoring flows as they ran before `forward_grids`: FrEIA's forward on every row with its
+    concatenated positional condition, in position_batch chunks."""
+    from residual_core.methods.resadpp.flow import position_rows
+    from residual_core.methods.resadpp.losses import gaussian_logp
+
+    b, c, h, w = features.shape
+    rows = features.permute(0, 2, 3, 1).reshape(-1, c)
+    pos = position_rows(self.config.pos_embed_dim, b, h, w, rows.device)
+    normal, abnormal = [], []
+    for start in range(0, rows.shape[0], self.config.position_batch):
+        chunk = slice(start, start + self.config.position_batch)
+        z, log_jac = self.flows[level](rows[chunk], pos[chunk])
+        normal.append(gaussian_logp(z, log_jac, 0.0))
+        abnormal.append(gaussian_logp(z, log_jac, 1.0))
+    return torch.cat(normal).reshape(b, h, w), torch.cat(abnormal).reshape(b, h, w)
+
+
+def _quantize_map_through_cdist(self, features):
+    b, c, h, w = features.shape
+    flat = features.permute(0, 2, 3, 1).reshape(-1, c)
+    return self.embedding(self.nearest(flat)).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+def test_scores_equal_the_scoring_before_the_fast_flows_and_vq(trained, cnn_backbone, monkeypatch):
+    """Per-position condition terms (forward_grids) and the blocked VQ lookup change nothing but float
+    rounding: maps and image scores as with FrEIA's forward on every row and cdist + argmin."""
+    from dataclasses import replace
+
+    from residual_core.methods.resadpp.vq import ResidualCodebook
+
+    method, _, _ = trained
+    monkeypatch.setattr(method, "config", replace(method.config, position_batch=300))  # 1 grid per chunk
+    bank, query = bank_for(cnn_backbone, IMAGE_SIZE), images(3, IMAGE_SIZE, 11)
+    fast = method.score(query, bank)
+    monkeypatch.setattr(ResADpp, "_flow_logps", _flow_logps_through_freia)
+    monkeypatch.setattr(ResidualCodebook, "quantize_map", _quantize_map_through_cdist)
+    before = method.score(query, bank)
+    torch.testing.assert_close(fast.anomaly_map, before.anomaly_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.image_score, before.image_score, atol=1e-5, rtol=1e-5)
