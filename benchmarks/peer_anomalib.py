@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ PEER_ARCH = "tf_efficientnet_lite0"
 # residual-ad's effnet-lite0 levels 2 and 3 (EFFNET_DEFAULT_LAYERS (1, 2, 3) = strides 4, 8, 16)
 PEER_LAYERS = ("blocks.2", "blocks.4")
 SAME_LEVELS = "2,3"
+EVALUATE_SAME = "residual-ad `evaluate`, baseline, levels (2, 3) = stride 8/16"
 IMAGE_SIZE, BATCH, ACTORS = 224, 16, 2
 PNG_SIZE = 128
 # PatchCore keeps the whole few-shot bank, as residual-ad's baseline does. anomalib's greedy k-center at ratio
@@ -87,8 +89,7 @@ def _bare_rate(forward, images: int) -> float:
     """Images/s of `forward` on random [BATCH, 3, 224, 224] batches (best of 2 passes after a warm-up)."""
     import torch
 
-    torch.manual_seed(0)
-    data = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE)
+    data = _random_images(images, 0)
     best = float("inf")
     with torch.no_grad():
         forward(data[:BATCH])
@@ -100,19 +101,47 @@ def _bare_rate(forward, images: int) -> float:
     return images / best
 
 
-def child_bare_residual(images: int) -> None:
+def _random_images(count: int, seed: int):
+    import torch
+
+    return torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def child_bare_residual(images: int, shots: int) -> None:
+    """The bare forward at levels (2, 3), and in-memory baseline `method.score` (no pipeline) against a
+    k-image bank at levels (2, 3) and at the default levels; this process's torch threads."""
     sys.path.insert(0, ROOT)
     from residual_core.backbones import create_backbone
+    from residual_core.bank import build_bank
+    from residual_core.methods import create_method
 
-    backbone = create_backbone("effnet-lite0", layers=(2, 3), image_size=IMAGE_SIZE).eval()
-    _print_result(rate=_bare_rate(backbone.forward_features, images))
+    rates = {}
+    for name, levels in (("same", (2, 3)), ("default", None)):
+        backbone = create_backbone("effnet-lite0", layers=levels, image_size=IMAGE_SIZE).eval()
+        if name == "same":
+            rates["rate"] = _bare_rate(backbone.forward_features, images)
+        bank = build_bank(backbone, _random_images(shots, 1), image_ids=[str(i) for i in range(shots)],
+                          dataset="bench", category="random", seed=0)
+        method = create_method("baseline", backbone).eval()
+        rates[f"score_{name}"] = _bare_rate(lambda batch, m=method, b=bank: m.score(batch, b), images)
+    _print_result(**rates)
 
 
-def child_bare_peer(images: int) -> None:
+def child_bare_peer(images: int, shots: int) -> None:
+    """The bare TimmFeatureExtractor forward, and in-memory `PatchcoreModel` scoring (forward, 3x3 pooling,
+    1-NN against the k-image bank, image score, upsampled and blurred map; no Lightning) in eval mode."""
+    import torch
     from anomalib.models.components import TimmFeatureExtractor
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     extractor = TimmFeatureExtractor(PEER_ARCH, layers=list(PEER_LAYERS), pre_trained=False).eval()
-    _print_result(rate=_bare_rate(extractor, images))
+    rate = _bare_rate(extractor, images)
+    model = PatchcoreModel(layers=PEER_LAYERS, backbone=PEER_ARCH, pre_trained=False).train()
+    with torch.no_grad():
+        model(_random_images(shots, 1))
+    model.memory_bank = torch.vstack(model.embedding_store)  # the whole bank (coreset ratio 1.0)
+    model.embedding_store.clear()
+    _print_result(rate=rate, score_same=_bare_rate(model.eval(), images))
 
 
 def child_residual(data: str, output: str, shots: int, levels: str) -> None:
@@ -221,13 +250,14 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4, help="k normal reference images per category")
     parser.add_argument("--bare-images", type=int, default=160, help="images of the bare forward timing")
     parser.add_argument("--max-load", type=float, default=3.0, help="wait until the 1-minute load is below")
+    parser.add_argument("--rounds", type=int, default=3, help="every measurement this many times")
     parser.add_argument("--no-visualizer-row", action="store_true", help="skip anomalib with its writer on")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        {"bare-residual": lambda: child_bare_residual(int(rest[0])),
-         "bare-peer": lambda: child_bare_peer(int(rest[0])),
+        {"bare-residual": lambda: child_bare_residual(int(rest[0]), int(rest[1])),
+         "bare-peer": lambda: child_bare_peer(int(rest[0]), int(rest[1])),
          "residual": lambda: child_residual(rest[0], rest[1], int(rest[2]), rest[3]),
          "peer": lambda: child_peer(rest[0], rest[1], rest[2] == "on")}[kind]()
         return
@@ -237,47 +267,64 @@ def main() -> None:
     try:
         data, folders = write_images(root, args.images, args.shots)
         wait_for_load(args.max_load)
-        start_uptime = _uptime()
-        print(f"start: {start_uptime}\npeer env: {_versions()}", flush=True)
-        rows = [("bare `forward_features`, residual-ad effnet-lite0 levels (2, 3)",
-                 run_child(sys.executable, "bare-residual", str(args.bare_images))),
-                (f"bare forward, anomalib TimmFeatureExtractor {PEER_ARCH} {PEER_LAYERS}",
-                 run_child(PEER_PYTHON, "bare-peer", str(args.bare_images)))]
-        runs = [("residual-ad `evaluate`, baseline, levels (2, 3) = stride 8/16", sys.executable,
-                 ["residual", data, f"{root}/runs-same", str(args.shots), SAME_LEVELS]),
-                ("anomalib PatchCore `Engine.predict`, visualizer off", PEER_PYTHON,
-                 ["peer", folders, f"{root}/peer-off", "off"]),
-                ("residual-ad `evaluate`, baseline, default levels (1, 2, 3)", sys.executable,
-                 ["residual", data, f"{root}/runs-default", str(args.shots), "default"])]
-        if not args.no_visualizer_row:
-            runs.append(("anomalib PatchCore `Engine.predict`, visualizer on (writes overlays)", PEER_PYTHON,
-                         ["peer", folders, f"{root}/peer-on", "on"]))
-        for label, python, child_args in runs:
-            rows.append((label, run_child(python, *child_args)))
-            print(label, rows[-1][1], flush=True)
+        print(f"start: {_uptime()}\npeer env: {_versions()}", flush=True)
+        results: dict[str, list[dict]] = {}
+        for round_ in range(args.rounds):  # rounds alternate the tools, so load drift hits them alike
+            for label, result in measure_round(args, data, folders, f"{root}/round{round_}"):
+                results.setdefault(label, []).append(result)
+                print(f"round {round_ + 1}: {label}: {result}", flush=True)
         print(f"end: {_uptime()}")
-        print_table(rows, args)
+        print_table(results, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def print_table(rows: list[tuple[str, dict]], args) -> None:
-    """The markdown table; ratios are against residual-ad `evaluate` at the same (stride 8/16) levels."""
-    by_label = dict(rows)
-    same = next(r for label, r in rows if "levels (2, 3) = stride" in label)
-    same_rate, same_whole = same["images"] / same["score_s"], same["images"] / same["wall_s"]
-    print(f"\n{args.images} test images, k={args.shots}, {IMAGE_SIZE} px, batch {BATCH}, CPU; "
-          f"bare rows: {args.bare_images} random tensors, best of 2")
-    print("| what | scoring images/s | ÷ evaluate (stride 8/16) | bank build s | whole process s "
+def measure_round(args, data: str, folders: str, root: str) -> list[tuple[str, dict]]:
+    """Every measurement once, each in a fresh process: [(label, {"rate": scoring images/s, ...})]."""
+    ours = run_child(sys.executable, "bare-residual", str(args.bare_images), str(args.shots))
+    peer = run_child(PEER_PYTHON, "bare-peer", str(args.bare_images), str(args.shots))
+    rows = [(label, {"rate": rate}) for label, rate in (
+        ("bare `forward_features`, residual-ad effnet-lite0, levels (2, 3)", ours["rate"]),
+        (f"bare forward, anomalib TimmFeatureExtractor {PEER_ARCH} {PEER_LAYERS}", peer["rate"]),
+        ("in-memory baseline `method.score`, levels (2, 3)", ours["score_same"]),
+        ("in-memory baseline `method.score`, default levels (1, 2, 3)", ours["score_default"]),
+        ("in-memory anomalib `PatchcoreModel` (eval forward, no Lightning)", peer["score_same"]))]
+    runs = [(EVALUATE_SAME, sys.executable,
+             ["residual", data, f"{root}/runs-same", str(args.shots), SAME_LEVELS]),
+            ("anomalib PatchCore `Engine.predict`, visualizer off", PEER_PYTHON,
+             ["peer", folders, f"{root}/peer-off", "off"]),
+            ("residual-ad `evaluate`, baseline, default levels (1, 2, 3)", sys.executable,
+             ["residual", data, f"{root}/runs-default", str(args.shots), "default"])]
+    if not args.no_visualizer_row:
+        runs.append(("anomalib PatchCore `Engine.predict`, visualizer on (writes overlays)", PEER_PYTHON,
+                     ["peer", folders, f"{root}/peer-on", "on"]))
+    for label, python, child_args in runs:
+        r = run_child(python, *child_args)
+        rows.append((label, {**r, "rate": r["images"] / r["score_s"], "whole": r["images"] / r["wall_s"]}))
+    return rows
+
+
+def print_table(results: dict[str, list[dict]], args) -> None:
+    """The markdown table of medians over rounds (min-max of the scoring rate); ratios are medians against
+    residual-ad `evaluate` at the same (stride 8/16) levels."""
+    def median(label: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[label])
+
+    same_rate, same_whole = median(EVALUATE_SAME, "rate"), median(EVALUATE_SAME, "whole")
+    print(f"\n{args.images} test images, k={args.shots}, {IMAGE_SIZE} px, batch {BATCH}, CPU; medians of "
+          f"{args.rounds} rounds; bare and in-memory rows: {args.bare_images} random tensors, best of 2, the "
+          "process's torch threads")
+    print("| what | scoring images/s (min-max) | ÷ evaluate (stride 8/16) | bank build s | whole process s "
           "| whole-process images/s | ÷ evaluate (stride 8/16) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, r in by_label.items():
-        if "images" not in r:
-            print(f"| {label} | {r['rate']:.1f} | | | {r['wall_s']:.1f} | | |")
-            continue
-        rate, whole = r["images"] / r["score_s"], r["images"] / r["wall_s"]
-        print(f"| {label} | {rate:.1f} | {rate / same_rate:.2f} | {r['bank_s']:.1f} | {r['wall_s']:.1f} "
-              f"| {whole:.1f} | {whole / same_whole:.2f} |")
+    for label, runs in results.items():
+        rates = [r["rate"] for r in runs]
+        cells = [label, f"{median(label, 'rate'):.1f} ({min(rates):.1f}-{max(rates):.1f})",
+                 f"{median(label, 'rate') / same_rate:.2f}"]
+        if "whole" in runs[0]:
+            cells += [f"{median(label, 'bank_s'):.1f}", f"{median(label, 'wall_s'):.1f}",
+                      f"{median(label, 'whole'):.1f}", f"{median(label, 'whole') / same_whole:.2f}"]
+        print("| " + " | ".join(cells + [""] * (7 - len(cells))) + " |")
 
 
 if __name__ == "__main__":
