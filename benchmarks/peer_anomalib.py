@@ -7,7 +7,10 @@ backbone architecture (EfficientNet-Lite0: residual-ad's `effnet-lite0`, anomali
 process: it builds its banks (untimed inside), then scores every test image (timed inside: the scoring
 phase); the whole process's wall time is taken from outside. Usage:
 
-    .venv/bin/python benchmarks/peer_anomalib.py [--images 320] [--shots 4] [--max-load 3]
+    .venv/bin/python benchmarks/peer_anomalib.py [--images 320] [--shots 4] [--rounds 3] [--max-load 3]
+
+Every measurement runs `--rounds` times, the tools alternating; the table gives the best round (the least
+disturbed on a shared machine) and the median. Figures: benchmarks/RESULTS.md (issue 17 section).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def ensure_peer_env() -> None:
 
 
 def _base_python() -> str:
-    """The interpreter the project's venv was made from (a venv's python would nest environments)."""
+    """The interpreter the project's venv was made from (the same Python version for the peer)."""
     return os.path.join(sys.base_prefix, "bin", "python3")
 
 
