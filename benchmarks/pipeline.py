@@ -293,8 +293,8 @@ def _patched(owner, name: str, value):
 
 def _pipeline(config, actors: int) -> tuple[float, float, float]:
     """The evaluate pipeline (fresh output, banks prebuilt): (images/s overall, actor start-up included;
-    seconds until the first shard was scored and committed; images/s from then to the last shard, the
-    steady state that a long run approaches)."""
+    seconds until the first shard was scored and committed; images/s once every actor has delivered a
+    shard, to the last shard: the steady state that a long run approaches)."""
     import json
     from dataclasses import replace
 
@@ -316,11 +316,13 @@ def _pipeline(config, actors: int) -> tuple[float, float, float]:
     with _patched(evaluate, "run_scoring", timed_scoring):
         (result,) = evaluate.run_evaluate(config, progress=False)
     overall = result.counts["images"] / (time.perf_counter() - start)
-    first = finished[0][0]
-    later = sum(images for _, images in finished[1:])
-    span = finished[-1][0] - first
+    # steady state: from the time every actor has delivered its first shard (the shards before that were
+    # scored in parallel from the start) to the last shard
+    warm = min(actors, len(finished)) - 1
+    later = sum(images for _, images in finished[warm + 1:])
+    span = finished[-1][0] - finished[warm][0]
     steady = later / span if span > 0 else float("nan")
-    return overall, first, steady
+    return overall, finished[0][0], steady
 
 
 def main() -> None:
@@ -379,7 +381,7 @@ def main() -> None:
             rate, first, steady = _pipeline(config, actors)
             print(f"evaluate pipeline, {actors} actor(s): {rate:8.1f} images/s "
                   f"({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
-                  f"then {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
+                  f"steady {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
         load = os.getloadavg()
         print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:
