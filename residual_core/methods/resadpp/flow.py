@@ -128,7 +128,7 @@ class LevelFlow(nn.Module):
 
 
 def _check_plain_block(block: nn.Module) -> None:
-    """`forward_positions` restates the AllInOneBlock configuration built above and nothing else."""
+    """`forward_grids` restates the AllInOneBlock configuration built above and nothing else."""
     subnet = getattr(block, "subnet", None)
     plain = (
         isinstance(block, Fm.AllInOneBlock)
@@ -143,4 +143,4 @@ def _check_plain_block(block: nn.Module) -> None:
         and isinstance(subnet[2], nn.Linear)
     )
     if not plain:
-        raise ValueError("forward_positions supports the flows built by LevelFlow only")
+        raise ValueError("forward_grids supports the flows built by LevelFlow only")
