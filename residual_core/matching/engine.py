@@ -30,10 +30,6 @@ from residual_core.matching.strategy import MatchStrategy
 from residual_core.matching.weighting import pruned_sparsemax_threshold, sparsemax, sparsemax_threshold
 
 PATHS = ("torch", "faiss")
-# How the torch path's dense sparsemax finds its threshold: "pruned" (`pruned_sparsemax_threshold`, no row
-# sorts; scoring) or "sorted" (the authors' sort of every row, in row blocks of `max_elements`: what
-# training's per-sample matching keeps, so trainings reproduce to the bit those made before "pruned").
-THRESHOLDS = ("pruned", "sorted")
 DEFAULT_CANDIDATES = 64
 DEFAULT_MAX_ELEMENTS = 1 << 24  # bound on the elements of one [rows, refs] or [rows, C, D] block
 CERTIFY_MARGIN = 1e-5  # slack for float differences between FAISS scores and the torch re-rank
@@ -118,19 +114,15 @@ def match(
     index: faiss.Index | None = None,
     candidates: int = DEFAULT_CANDIDATES,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-    threshold: str = "pruned",
 ) -> MatchResult:
     """Match L2-normalised query patches [B, L, D] against `reference` with `strategy`.
 
     `query_grid` defaults to the reference grid, else a square grid. `path="faiss"` uses `index`
-    (built from `reference.search_vectors()` when None). `threshold`: see THRESHOLDS (both exact; they
-    differ by float rounding). Rows are independent, so results do not depend on batch size or on
-    `max_elements`.
+    (built from `reference.search_vectors()` when None). Rows are independent, so results do not
+    depend on batch size or on `max_elements`.
     """
     if path not in PATHS:
         raise ValueError(f"matching path {path!r} is not one of {PATHS}")
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"sparsemax threshold {threshold!r} is not one of {THRESHOLDS}")
     if query.ndim != 3 or query.shape[2] != reference.features.shape[1]:
         raise ValueError(f"query must be [B, L, {reference.features.shape[1]}], got {tuple(query.shape)}")
     batch, cells, dim = query.shape
@@ -141,7 +133,7 @@ def match(
     rows = query.reshape(batch * cells, dim).to(reference.features.dtype)
     row_positions = grid_positions(grid, device=query.device).repeat(batch, 1)
     pooled_rows = pool_tokens(query.float(), grid).reshape(batch * cells, dim) if strategy.pooling else None
-    context = _Context(reference, strategy, grid, threshold)
+    context = _Context(reference, strategy, grid)
     if path == "torch":
         matched, nearest = context.dense(rows, pooled_rows, row_positions, max_elements, batch=batch)
         fallback = 0
@@ -162,8 +154,7 @@ def match(
 def match_per_sample(
     query: torch.Tensor, references: torch.Tensor, strategy: MatchStrategy, *, grid: tuple[int, int]
 ) -> MatchResult:
-    """Training-time matching: normalised query b against its own raw references [b] (whole grids), with
-    the authors' sorted sparsemax threshold (trainings reproduce those made before the pruned one)."""
+    """Training-time matching: normalised query b against its own raw references [b] (whole grids)."""
     if references.ndim != 3 or references.shape[0] != query.shape[0]:
         raise ValueError(
             f"per-sample references must be [{query.shape[0]}, N, D], got {tuple(references.shape)}"
@@ -176,7 +167,6 @@ def match_per_sample(
             prepare_reference(references[b], positions, grid, pooling=strategy.pooling),
             strategy,
             query_grid=grid,
-            threshold="sorted",
         )
         for b in range(query.shape[0])
     ]
@@ -211,9 +201,8 @@ def _check_strategy_fits(strategy: MatchStrategy, reference: ReferenceSet, grid:
 class _Context:
     """One match call's reference and strategy; row-block computations for both paths."""
 
-    def __init__(self, reference: ReferenceSet, strategy: MatchStrategy, grid: tuple[int, int],
-                 threshold: str = "pruned"):
-        self.reference, self.strategy, self.grid, self.threshold = reference, strategy, grid, threshold
+    def __init__(self, reference: ReferenceSet, strategy: MatchStrategy, grid: tuple[int, int]):
+        self.reference, self.strategy, self.grid = reference, strategy, grid
 
     def penalty(
         self, query_positions: torch.Tensor, reference_positions: torch.Tensor
@@ -234,13 +223,11 @@ class _Context:
         if self.strategy.weighting != "sparsemax":
             return self._searched(rows, pooled_rows, positions, max_elements)
         total = self.reference.features.shape[0]
-        if self.threshold == "sorted":
-            step = max(1, max_elements // total)
-        else:  # cache-sized row blocks: the pruned threshold re-reads its block's scores several times
-            budget = min(max_elements, knn.default_block_bytes(rows.device) // rows.element_size())
-            if batch and self.reference.positions is not None and self.strategy.has_penalty:
-                return self._dense_by_position(rows, pooled_rows, batch, budget)
-            step = max(1, budget // total)
+        # cache-sized row blocks: the threshold re-reads its block's scores several times
+        budget = min(max_elements, knn.default_block_bytes(rows.device) // rows.element_size())
+        if batch and self.reference.positions is not None and self.strategy.has_penalty:
+            return self._dense_by_position(rows, pooled_rows, batch, budget)
+        step = max(1, budget // total)
         outputs = [
             self._dense_block(
                 rows[i : i + step],
@@ -309,8 +296,6 @@ class _Context:
             search = (pooled_rows @ ref.pooled.T + search) / 2
         penalty = None if ref.positions is None else self.penalty(positions[:, None, :], ref.positions[None])
         ranked = search if penalty is None else search.sub_(penalty)
-        if self.threshold == "sorted":
-            return sparsemax(ranked) @ ref.features, None
         weights = ranked.sub_(pruned_sparsemax_threshold(ranked)).clamp_(min=0.0)
         return weights @ ref.features, None
 
