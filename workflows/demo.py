@@ -7,8 +7,9 @@ auxiliary category and Res2CLIP's FAISS candidate path for matching (same strate
 Its trained methods are gradient-trained, on CPU budgets: ResAD++ with the CPU training preset
 (`preset: cpu`: lr 1e-3, 8 epochs; docs/methods/resadpp.md, "Presets"), Res2CLIP's visual adapters for
 10 epochs. The rows are seed 0 of the three-seed table in benchmarks/RESULTS.md (issue 15), which says
-what training does to them (Res2CLIP's fine-tuned rows vary from run to run by up to ~1 point). The full protocol's defaults (3 seeds, the authors' epochs and learning
-rates) are what `residual-ad lodo` runs without these overrides.
+what training does to them (Res2CLIP's fine-tuned rows vary from run to run by up to ~1 point). The full
+protocol's defaults (3 seeds, the authors' epochs and learning rates) are what `residual-ad lodo` runs
+without these overrides.
 """
 
 from __future__ import annotations
