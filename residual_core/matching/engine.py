@@ -278,26 +278,34 @@ class _Context:
         matched = torch.empty_like(query)
         for p0 in range(0, cells, width):
             cols = slice(p0, min(cells, p0 + width))
-            search = query[:, cols].reshape(-1, dim) @ ref.features.T
-            if pooled is not None:
-                search = (pooled[:, cols].reshape(-1, dim) @ ref.pooled.T + search) / 2
+            search = self._search_scores(
+                query[:, cols].reshape(-1, dim), None if pooled is None else pooled[:, cols].reshape(-1, dim)
+            )
             penalty = self.penalty(cell_positions[cols, None, :], ref.positions[None])
             ranked = search.view(batch, -1, total).sub_(penalty).view(-1, total)
-            weights = ranked.sub_(pruned_sparsemax_threshold(ranked)).clamp_(min=0.0)
-            matched[:, cols] = (weights @ ref.features).view(batch, -1, dim)
+            matched[:, cols] = self._sparsemax_sum(ranked).view(batch, -1, dim)
         return matched.view(-1, dim), None
 
     def _dense_block(self, rows, pooled_rows, positions):
-        """Sparsemax over all references for one block of rows (dense [rows, N] scores; the threshold
-        without sorting rows: `pruned_sparsemax_threshold`)."""
+        """Sparsemax over all references for one block of rows (dense [rows, N] scores)."""
         ref = self.reference
-        search = rows @ ref.features.T
-        if pooled_rows is not None:
-            search = (pooled_rows @ ref.pooled.T + search) / 2
+        search = self._search_scores(rows, pooled_rows)
         penalty = None if ref.positions is None else self.penalty(positions[:, None, :], ref.positions[None])
         ranked = search if penalty is None else search.sub_(penalty)
+        return self._sparsemax_sum(ranked), None
+
+    def _search_scores(self, rows, pooled_rows):
+        """Dense search similarities [rows, N]: plain, or the mean of pooled and plain (pooling)."""
+        search = rows @ self.reference.features.T
+        if pooled_rows is not None:
+            search = (pooled_rows @ self.reference.pooled.T + search) / 2
+        return search
+
+    def _sparsemax_sum(self, ranked):
+        """sum_j sparsemax(ranked)_j r_j per row, the threshold without sorting rows
+        (`pruned_sparsemax_threshold`); overwrites `ranked`."""
         weights = ranked.sub_(pruned_sparsemax_threshold(ranked)).clamp_(min=0.0)
-        return weights @ ref.features, None
+        return weights @ self.reference.features
 
     # ---- FAISS candidates ----
     def with_candidates(self, rows, pooled_rows, positions, index, candidates, max_elements):
