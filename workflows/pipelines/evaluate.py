@@ -16,6 +16,7 @@ from residual_core.metrics import IMAGE_METRICS, pixel_metric_names, summarize_d
 from workflows import storage
 from workflows.config import MethodConfig, RunConfig, save_config
 from workflows.datasets.reader import pixel_ground_truth
+from workflows.pipelines.category_results import CategoryFinisher
 from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.index import BankRequest, categories_of, ensure_banks
 from workflows.pipelines.metric_groups import NO_PIXEL_TRUTH, category_metrics  # noqa: F401 - re-exported
@@ -116,28 +117,34 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
             categories=config.data.categories or None)
         jobs.append((spec, job, shards))
 
-    tasks, resumed = [], {}
+    tasks, resumed, committed = [], {}, {}
     for _spec, job, shards in jobs:
-        done = ShardStore(job.job_url).done_ids() if shards else set()
-        resumed[job.job_id] = sum(1 for s in shards if s.shard_id in done)
-        tasks += [(job, s) for s in shards if s.shard_id not in done]
+        committed[job.job_id] = ShardStore(job.job_url).done_ids() if shards else set()
+        resumed[job.job_id] = sum(1 for s in shards if s.shard_id in committed[job.job_id])
+        tasks += [(job, s) for s in shards if s.shard_id not in committed[job.job_id]]
     if ev.stop_after_shards is not None:  # test hook: simulate an interruption
         tasks = tasks[: ev.stop_after_shards]
-    if tasks:
-        num_gpus = ray_runtime.gpus_per_worker(ev.num_gpus_per_actor)
-        actor_cpus = 1.0 if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
-        rows = run_scoring(tasks, batch_size=ev.batch_size, num_actors=ev.num_actors,
-                           num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus, max_retries=ev.max_retries)
-        for _ in tqdm(rows, total=len(tasks), desc="evaluate: shards", disable=not progress, leave=False):
-            pass
-    if ev.stop_after_shards is not None:
-        return [_partial(spec, job) for spec, job, _ in jobs]
-    run_reduces([(job, shards) for _, job, shards in jobs], max_retries=ev.max_retries, progress=progress)
-    results = []
-    for spec, job, shards in jobs:
-        refs = {name: list(plans[BankRequest(*name.split("/"), spec.k_shot, spec.seed,
-                                             job.preprocess)].image_ids) for name in job.banks}
-        results.append(_finalize(config, spec, job, shards, refs, resumed.get(job.job_id, 0)))
+    open_jobs = [(job, shards) for _, job, shards in jobs if not storage.is_committed(job.job_url)]
+    with CategoryFinisher(open_jobs, committed) as finisher:  # categories finished while others score
+        if tasks:
+            num_gpus = ray_runtime.gpus_per_worker(ev.num_gpus_per_actor)
+            actor_cpus = 1.0 if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
+            rows = run_scoring(tasks, batch_size=ev.batch_size, num_actors=ev.num_actors,
+                               num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus,
+                               max_retries=ev.max_retries)
+            for row in tqdm(rows, total=len(tasks), desc="evaluate: shards", disable=not progress,
+                            leave=False):
+                finisher.committed(row["job_id"], row["dataset"], row["category"], row["shard_id"])
+        if ev.stop_after_shards is not None:
+            return [_partial(spec, job) for spec, job, _ in jobs]
+        run_reduces([(job, shards) for _, job, shards in jobs], max_retries=ev.max_retries,
+                    progress=progress)
+        finisher.finish_remaining()
+        results = []
+        for spec, job, shards in jobs:
+            refs = {name: list(plans[BankRequest(*name.split("/"), spec.k_shot, spec.seed,
+                                                 job.preprocess)].image_ids) for name in job.banks}
+            results.append(_finalize(config, spec, job, shards, refs, resumed.get(job.job_id, 0), finisher))
     return results
 
 
@@ -161,10 +168,8 @@ def _partial(spec: EvalSpec, job: ScoringJob) -> EvalResult:
 
 
 def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[Shard],
-              refs: dict[str, list[str]], resumed: int) -> EvalResult:
-    """Merge the shard states per category (one at a time), compute and commit the job's metrics."""
-    from residual_core.metrics import GroupedAccumulator
-
+              refs: dict[str, list[str]], resumed: int, finisher: CategoryFinisher) -> EvalResult:
+    """Collect the job's finished categories (`category_results`), then compute and commit its metrics."""
     metrics_url = storage.join(job.job_url, "metrics.json")
     if storage.is_committed(job.job_url):
         saved = storage.read_json(metrics_url)
@@ -180,18 +185,11 @@ def _finalize(config: RunConfig, spec: EvalSpec, job: ScoringJob, shards: list[S
     if unreduced:
         raise RuntimeError(f"{spec.label()}: {len(unreduced)} categories were not reduced "
                            f"(e.g. {unreduced[0][0]}/{unreduced[0][1]})")
-    accumulators: dict[str, GroupedAccumulator] = {}
-    counts = {"images": 0, "skipped": 0, "shards": len(shards)}
-    for shard in shards:
-        summary = store.summary(shard.shard_id)
-        counts["images"] += summary["images"]
-        counts["skipped"] += summary["skipped"]
-        name = f"{shard.dataset}/{shard.category}"
-        state = GroupedAccumulator.from_state_dict(store.state(shard.shard_id))
-        accumulators[name] = state if name not in accumulators else accumulators[name].merge(state)
-    per_category, per_defect_type = {}, {}
-    for name, grouped in sorted(accumulators.items()):
-        per_category[name], per_defect_type[name] = category_metrics(grouped, bool(job.pixel_gt.get(name)))
+    categories = finisher.collect(job)
+    counts = {"images": sum(c.images for c in categories.values()),
+              "skipped": sum(c.skipped for c in categories.values()), "shards": len(shards)}
+    per_category = {name: c.metrics for name, c in categories.items()}
+    per_defect_type = {name: c.per_defect_type for name, c in categories.items()}
     per_dataset = dataset_means(per_category)
     payload = {"per_category": per_category, "per_dataset": per_dataset, "counts": counts,
                "per_defect_type": per_defect_type, "reference_ids": refs,
