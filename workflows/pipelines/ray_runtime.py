@@ -23,6 +23,14 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's authentication mode ("token" or "disabl
 # Ray Data's own log lines kept on the terminal: warnings and errors; its INFO lines (execution plans,
 # "execution finished") still go to the session's ray-data.log
 RAY_DATA_CONSOLE_LEVEL = "WARNING"
+# A local Ray keeps this many idle worker processes beyond one per CPU. Ray's default keeps one per CPU
+# and kills the others after a second idle: starting the scoring actors and Ray Data's own actors (each a
+# process of its own) then killed the idle task workers that had already imported torch and the pipeline
+# (index step), and the first decode task waited for a new process to start and import it all again,
+# about 4-6 s more before the first shard on a 2-core machine (benchmarks/RESULTS.md). Each idle worker
+# holds a few hundred MB.
+IDLE_WORKERS_BEYOND_CPUS = 6
+SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"  # the user's own setting wins
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -54,8 +62,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         _explicit_token_auth()
         # address="local": start our own Ray, never silently join whatever `ray start` left running
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=True, runtime_env=runtime_env)
+                 log_to_driver=True, runtime_env=runtime_env, _system_config=_local_system_config(num_cpus))
     configure_data_context()
+
+
+def _local_system_config(num_cpus: int | None) -> dict:
+    """Raylet settings of a local Ray we start: idle workers kept (`IDLE_WORKERS_BEYOND_CPUS`)."""
+    if SOFT_LIMIT_ENV in os.environ:
+        return {}
+    return {"num_workers_soft_limit": int(num_cpus or os.cpu_count() or 1) + IDLE_WORKERS_BEYOND_CPUS}
 
 
 def _explicit_token_auth() -> None:
