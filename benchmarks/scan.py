@@ -102,6 +102,7 @@ def main() -> None:
     from tests.workflows.scan.archive import upload, write_archive, write_normals
     from workflows import storage
     from workflows.config import load_config
+    from workflows.pipelines.ray_runtime import init_ray
 
     server = MotoServer().start()
     os.environ.update(server.env())  # before Ray starts: its workers inherit the S3 settings
@@ -117,7 +118,7 @@ def main() -> None:
                 f"backbone.spec={args.backbone}", f"backbone.image_size={args.image_size}",
                 f"evaluate.batch_size={args.batch_size}", "device=cpu", "tracking.enabled=false"])
             bare = bare_backbone(config, archive, args.batch_size, args.repeats)
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+            init_ray(num_cpus=os.cpu_count())  # as the CLI starts its local Ray
             local = scan_once(config, archive, refs, f"{tmp}/out-local")
             remote = scan_once(config, "s3://bench/archive", "s3://bench/references", "s3://bench/out")
             driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
