@@ -64,11 +64,14 @@ class CategoryFinisher:
     def __init__(self, jobs: list[tuple[ScoringJob, list[Shard]]], committed: dict[str, set[str]],
                  threads: int = FINISH_THREADS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="finish")
-        self._jobs = {job.job_id: job for job, _ in jobs}
+        self._jobs: dict[str, ScoringJob] = {}
         self._shards: dict[tuple[str, str], list[Shard]] = {}  # (job id, category) -> shards in order
         self._waiting: dict[tuple[str, str], set[str]] = {}  # shard ids not yet committed
         self._futures: dict[tuple[str, str], Future] = {}
         for job, shards in jobs:
+            if job.job_id in self._jobs:  # the same job asked for twice: its shards count once
+                continue
+            self._jobs[job.job_id] = job
             for shard in shards:
                 key = (job.job_id, f"{shard.dataset}/{shard.category}")
                 self._shards.setdefault(key, []).append(shard)

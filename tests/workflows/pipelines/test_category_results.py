@@ -93,7 +93,19 @@ def test_each_category_finishes_when_its_last_shard_is_committed(job_and_shards,
         ids = [s.shard_id for s in shards if f"{s.dataset}/{s.category}" == name]
         metrics, per_type = _expected([states[i] for i in ids], pixel_gt)
         assert results[name].metrics == metrics and results[name].per_defect_type == per_type
-        assert (results[name].images, results[name].skipped) == (9 + 3, 3)
+        assert (results[name].images, results[name].skipped) == (SHARDS_PER_CATEGORY * IMAGES_PER_SHARD, 3)
+
+
+def test_a_job_asked_for_twice_counts_its_shards_once(job_and_shards):
+    job, shards = job_and_shards
+    store = ShardStore(job.job_url)
+    states = [_commit(store, shard, seed=i) for i, shard in enumerate(shards)]
+    done = {job.job_id: {s.shard_id for s in shards}}
+    with CategoryFinisher([(job, shards), (job, shards)], committed=done) as finisher:
+        finisher.finish_remaining()
+        brick = finisher.collect(job)["textures/brick"]
+    assert brick.metrics == _expected(states[:SHARDS_PER_CATEGORY], True)[0]
+    assert brick.images == SHARDS_PER_CATEGORY * IMAGES_PER_SHARD
 
 
 def test_shards_of_an_earlier_run_count_from_the_start(job_and_shards):
