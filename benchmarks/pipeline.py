@@ -42,9 +42,11 @@ def _data(root: str, images: int) -> str:
 
 
 def _bare_forward(config, batch_size: int, device: str, repeats: int,
-                  threads: int | None = None, with_method: bool = False) -> tuple[float, int]:
-    """Images/s of the backbone alone on the same (preprocessed, in-memory) test images; with
-    `with_method`, of the whole `method.score` (forward + matching + maps) against one bank."""
+                  threads: int | None = None, with_method: bool = False,
+                  limit: int | None = None) -> tuple[float, int]:
+    """Images/s of the backbone alone on the same (preprocessed, in-memory) test images (the first
+    `limit` of them when given); with `with_method`, of the whole `method.score` (forward + matching +
+    maps) against one bank."""
     import torch
 
     from residual_core.images import decode_image, image_to_tensor
@@ -55,8 +57,9 @@ def _bare_forward(config, batch_size: int, device: str, repeats: int,
                                             "image_size": config.backbone.image_size}, device).eval()
     info = backbone_info(backbone)
     table = read_table(config.data.url, columns=["image"], filters=[("split", "==", "test")])
+    encoded = table.column("image").to_pylist()[:limit]
     images = torch.stack([image_to_tensor(decode_image(b), info.image_size, info.mean, info.std)
-                          for b in table.column("image").to_pylist()]).to(device)
+                          for b in encoded]).to(device)
     step = backbone.forward_features
     if with_method:
         step = _method_step(config, backbone, device)
@@ -335,6 +338,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2],
                         help="evaluate pipeline runs with these actor counts (on a GPU: one actor per GPU)")
+    parser.add_argument("--bare-images", type=int, default=None,
+                        help="time the bare forward and in-memory rows on the first N test images (all)")
     parser.add_argument("--method-only", action="store_true",
                         help="in-memory method.score vs bare forward only (no Ray, no pipeline)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 4], help="--method-only: bank shots")
@@ -366,20 +371,21 @@ def main() -> None:
         ])
         init_ray(num_cpus=args.cpus)
         run_index(config)
-        bare, count = _bare_forward(config, args.batch_size, device, repeats=3)
+        bare, count = _bare_forward(config, args.batch_size, device, repeats=3, limit=args.bare_images)
         load = os.getloadavg()
-        print(f"device={device} images={count} batch={args.batch_size} size={args.image_size}px "
-              f"shard={args.shard_size} cpus={args.cpus or os.cpu_count()} "
+        print(f"device={device} bare/in-memory images={count} batch={args.batch_size} "
+              f"size={args.image_size}px shard={args.shard_size} cpus={args.cpus or os.cpu_count()} "
               f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
         print(f"bare backbone forward      : {bare:8.1f} images/s")
-        one_thread, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1)
+        one_thread, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1,
+                                      limit=args.bare_images)
         method_rate, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1,
-                                       with_method=True)
+                                       with_method=True, limit=args.bare_images)
         print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
         print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
         for actors in args.actors:
             rate, first, steady = _pipeline(config, actors)
-            print(f"evaluate pipeline, {actors} actor(s): {rate:8.1f} images/s "
+            print(f"evaluate pipeline, {actors} actor(s), {args.images} images: {rate:8.1f} images/s "
                   f"({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
                   f"steady {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
         load = os.getloadavg()
