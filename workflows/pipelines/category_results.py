@@ -58,7 +58,7 @@ def finish_category(job: ScoringJob, name: str, shards: list[Shard]) -> Category
 
 class CategoryFinisher:
     """Finishes the categories of several jobs on `threads` driver threads, each as soon as every one of
-    its shards is committed: `committed` for each shard the pipeline delivers, `finish_remaining` after
+    its shards is committed: `shard_committed` for each shard the pipeline delivers, `finish_remaining` after
     the reduce step, then `collect` per job. Shards committed by an earlier run count from the start."""
 
     def __init__(self, jobs: list[tuple[ScoringJob, list[Shard]]], committed: dict[str, set[str]],
@@ -90,7 +90,7 @@ class CategoryFinisher:
         """Names of the categories (of any job) whose finishing has started."""
         return {name for _, name in self._futures}
 
-    def committed(self, job_id: str, dataset: str, category: str, shard_id: str) -> None:
+    def shard_committed(self, job_id: str, dataset: str, category: str, shard_id: str) -> None:
         """A shard of the job was committed; its category starts finishing when it was the last one."""
         key = (job_id, f"{dataset}/{category}")
         waiting = self._waiting.get(key)

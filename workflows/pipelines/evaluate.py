@@ -134,7 +134,7 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
                                max_retries=ev.max_retries)
             for row in tqdm(rows, total=len(tasks), desc="evaluate: shards", disable=not progress,
                             leave=False):
-                finisher.committed(row["job_id"], row["dataset"], row["category"], row["shard_id"])
+                finisher.shard_committed(row["job_id"], row["dataset"], row["category"], row["shard_id"])
         if ev.stop_after_shards is not None:
             return [_partial(spec, job) for spec, job, _ in jobs]
         run_reduces([(job, shards) for _, job, shards in jobs], max_retries=ev.max_retries,

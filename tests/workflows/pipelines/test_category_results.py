@@ -80,8 +80,8 @@ def test_each_category_finishes_when_its_last_shard_is_committed(job_and_shards,
     with CategoryFinisher([(job, shards)], committed={}) as finisher:
         for i, shard in enumerate(shards):
             states[shard.shard_id] = _commit(store, shard, seed=i)
-            finisher.committed(job.job_id, shard.dataset, shard.category, shard.shard_id)
-            finisher.committed(job.job_id, shard.dataset, shard.category, shard.shard_id)  # twice: once
+            finisher.shard_committed(job.job_id, shard.dataset, shard.category, shard.shard_id)
+            finisher.shard_committed(job.job_id, shard.dataset, shard.category, shard.shard_id)  # twice: once
             if shard.category == "brick" and i < SHARDS_PER_CATEGORY - 1:
                 assert finisher.started == set()
         assert finisher.started == {"textures/brick", "textures/wood"}
@@ -117,7 +117,7 @@ def test_shards_of_an_earlier_run_count_from_the_start(job_and_shards):
     done = {s.shard_id for s in shards} - {wood_last.shard_id}
     with CategoryFinisher([(job, shards)], committed={job.job_id: done}) as finisher:
         assert finisher.started == {"textures/brick"}  # every shard resumed: started at once
-        finisher.committed(job.job_id, "textures", "wood", wood_last.shard_id)
+        finisher.shard_committed(job.job_id, "textures", "wood", wood_last.shard_id)
         finisher.finish_remaining()
         assert set(finisher.collect(job)) == {"textures/brick", "textures/wood"}
 
