@@ -50,6 +50,16 @@ def _commit(store: ShardStore, shard: Shard, seed: int, extra: dict | None = Non
     return grouped
 
 
+def _commit_all(job: ScoringJob, shards: list[Shard], extra: dict | None = None) -> list[GroupedAccumulator]:
+    """Every shard committed (seeded by its position), as an earlier run leaves them; their states."""
+    store = ShardStore(job.job_url)
+    return [_commit(store, shard, seed=i, extra=extra) for i, shard in enumerate(shards)]
+
+
+def _all_committed(job: ScoringJob, shards: list[Shard]) -> dict[str, set[str]]:
+    return {job.job_id: {s.shard_id for s in shards}}
+
+
 @pytest.fixture
 def job_and_shards(tmp_path):
     job = ScoringJob(job_id="job", job_url=str(tmp_path / "job"), backbone={}, method={"name": "baseline"},
@@ -98,10 +108,8 @@ def test_each_category_finishes_when_its_last_shard_is_committed(job_and_shards,
 
 def test_a_job_asked_for_twice_counts_its_shards_once(job_and_shards):
     job, shards = job_and_shards
-    store = ShardStore(job.job_url)
-    states = [_commit(store, shard, seed=i) for i, shard in enumerate(shards)]
-    done = {job.job_id: {s.shard_id for s in shards}}
-    with CategoryFinisher([(job, shards), (job, shards)], committed=done) as finisher:
+    states = _commit_all(job, shards)
+    with CategoryFinisher([(job, shards), (job, shards)], committed=_all_committed(job, shards)) as finisher:
         finisher.finish_remaining()
         brick = finisher.collect(job)["textures/brick"]
     assert brick.metrics == _expected(states[:SHARDS_PER_CATEGORY], True)[0]
@@ -110,9 +118,7 @@ def test_a_job_asked_for_twice_counts_its_shards_once(job_and_shards):
 
 def test_shards_of_an_earlier_run_count_from_the_start(job_and_shards):
     job, shards = job_and_shards
-    store = ShardStore(job.job_url)
-    for i, shard in enumerate(shards):
-        _commit(store, shard, seed=i)
+    _commit_all(job, shards)
     wood_last = [s for s in shards if s.category == "wood"][-1]
     done = {s.shard_id for s in shards} - {wood_last.shard_id}
     with CategoryFinisher([(job, shards)], committed={job.job_id: done}) as finisher:
@@ -125,9 +131,8 @@ def test_shards_of_an_earlier_run_count_from_the_start(job_and_shards):
 def test_a_set_normalised_category_is_finished_after_its_reduce(job_and_shards):
     job, shards = job_and_shards
     store = ShardStore(job.job_url)
-    for i, shard in enumerate(shards):
-        _commit(store, shard, seed=i, extra={"normaliser": {"kind": "set"}})
-    with CategoryFinisher([(job, shards)], committed={job.job_id: {s.shard_id for s in shards}}) as finisher:
+    _commit_all(job, shards, extra={"normaliser": {"kind": "set"}})
+    with CategoryFinisher([(job, shards)], committed=_all_committed(job, shards)) as finisher:
         storage.atomic_write_json(store.reduced_url("textures", "brick"), {"shards": SHARDS_PER_CATEGORY})
         finisher.finish_remaining()  # brick reduced; wood never was
         with pytest.raises(RuntimeError, match="textures/wood has no reduced metric state"):
@@ -139,12 +144,10 @@ def test_a_set_normalised_category_is_finished_after_its_reduce(job_and_shards):
 
 def test_a_failure_while_finishing_is_raised_by_collect(job_and_shards):
     job, shards = job_and_shards
-    store = ShardStore(job.job_url)
-    for i, shard in enumerate(shards):
-        _commit(store, shard, seed=i)
+    _commit_all(job, shards)
     broken = storage.join(job.job_url, "states", f"{shards[1].shard_id}.pkl")
     storage.atomic_write_bytes(broken, b"not a pickle")
-    with CategoryFinisher([(job, shards)], committed={job.job_id: {s.shard_id for s in shards}}) as finisher:
+    with CategoryFinisher([(job, shards)], committed=_all_committed(job, shards)) as finisher:
         finisher.finish_remaining()
         with pytest.raises(pickle.UnpicklingError):
             finisher.collect(job)
