@@ -25,6 +25,13 @@ streams them in chunks of ``--chunk`` images). "state" is the pickled ``state_di
     .venv/bin/python benchmarks/metrics.py --pixels 1e6 --ap-f1    # quick run, AP/F1 references too
     .venv/bin/python benchmarks/metrics.py --case narrow --pixels 1e8           # issue 13's case
     .venv/bin/python benchmarks/metrics.py --case narrow --pixels 1e6 --sklearn # reference check
+    .venv/bin/python benchmarks/metrics.py --case finish --pixels 3.2e6 --size 224  # one category
+
+``finish``: what `evaluate`'s driver does per category once its shards are in: the normal images and
+two defect types as three groups, through their states, merged for the category and per defect type,
+then every metric. It times the merges, and the metrics computed on every occupied bin (``aligned()``,
+the path before ``curve_bins``) side by side with the metrics on ``curve_bins``, and prints their
+largest difference.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from residual_core.metrics import IMAGE_METRICS, MetricAccumulator
+from residual_core.metrics import IMAGE_METRICS, GroupedAccumulator, MetricAccumulator, curves
 from residual_core.metrics.regions import anomalous_pixel_regions
 
 NARROW_STEP = 1e-7  # float32 spacing near 0.5 is 6e-8: consecutive levels stay distinct
@@ -260,6 +267,49 @@ def benchmark_narrow(args, pixels: int) -> None:
               f"{abs(result[name] - exact):.1e} | {resolution['error_bounds'][name]:.1e} |")
 
 
+def every_bin_metrics(acc: MetricAccumulator) -> dict[str, float]:
+    """The image and pixel metrics on every occupied bin (how ``compute`` did it before ``curve_bins``)."""
+    image = curves.CumulativeCounts.from_bins(acc.image_hist.aligned())
+    pixel = curves.CumulativeCounts.from_bins(acc.pixel_hist.aligned())
+    values = [curves.auroc(image), curves.average_precision(image), curves.f1_max(image), curves.auroc(pixel),
+              curves.average_precision(pixel), curves.f1_max(pixel), curves.aupro(pixel, acc.counts.regions)]
+    return dict(zip([*IMAGE_METRICS, "P-AUROC", "P-AP", "P-F1max", "AUPRO@0.3"], values, strict=True))
+
+
+def benchmark_finish(args, pixels: int) -> None:
+    """One category's finalisation on the driver: group merges, then metrics by both curve paths."""
+    grouped = GroupedAccumulator()
+    for scores, labels, maps, masks in synthetic_chunks(pixels, args.size, args.chunk, args.seed):
+        kinds = np.where(labels == 0, "normal", np.where(np.arange(len(labels)) % 4 == 1, "defect:a",
+                                                         "defect:b"))
+        grouped.update(kinds.tolist(), scores, labels, maps, masks)
+    grouped = GroupedAccumulator.from_state_dict(pickle.loads(pickle.dumps(grouped.state_dict())))
+    start = time.perf_counter()
+    merged = [grouped.merged(), *(grouped.merged(["normal", defect]) for defect in ("defect:a", "defect:b"))]
+    merge_seconds = time.perf_counter() - start
+    timings = {"every bin": [], "curve_bins": []}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        before = [every_bin_metrics(acc) for acc in merged]
+        timings["every bin"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        now = [acc.compute() for acc in merged]
+        timings["curve_bins"].append(time.perf_counter() - start)
+    diff = max(abs(old[name] - new[name]) for old, new in zip(before, now, strict=True) for name in old)
+    resolution = now[0]["resolution"]
+    every, summed = min(timings["every bin"]), min(timings["curve_bins"])
+    print(f"\n[finish {pixels:.1e} pixels, {args.size} px] {resolution['pixel_bins']} distinct pixel bins "
+          f"(shift {resolution['pixel_shift']}); best of {args.repeats}")
+    print("| step | seconds | share of the finish before |")
+    print("|---|---:|---:|")
+    before_total = merge_seconds + every  # the finish before curve_bins
+    print(f"| merges (category, 2 defect types) | {merge_seconds:.3f} | {merge_seconds / before_total:.0%} |")
+    print(f"| metrics on every bin (before) | {every:.3f} | {every / before_total:.0%} |")
+    print(f"| metrics on `curve_bins` (now) | {summed:.3f} | {summed / before_total:.0%} |")
+    print(f"finish before / now: {before_total / (merge_seconds + summed):.2f}x; "
+          f"largest metric difference {diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pixels", type=float, nargs="+", default=[1e7, 1e8])
@@ -269,10 +319,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ap-f1", action="store_true", help="also check P-AP and P-F1max against sklearn")
     parser.add_argument("--engine-only", action="store_true", help="continuous: skip the references")
-    parser.add_argument("--case", choices=("continuous", "narrow"), default="continuous")
+    parser.add_argument("--case", choices=("continuous", "narrow", "finish"), default="continuous")
+    parser.add_argument("--repeats", type=int, default=3, help="finish: best of")
     parser.add_argument("--levels", type=float, default=1e6, help="narrow: distinct pixel scores")
     parser.add_argument("--sklearn", action="store_true", help="narrow: check the reference against sklearn")
     args = parser.parse_args()
+    if args.case == "finish":
+        for pixels in args.pixels:
+            benchmark_finish(args, int(pixels))
+        return
     if args.case == "narrow":
         args.levels = int(args.levels)
         for pixels in args.pixels:

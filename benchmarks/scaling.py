@@ -2,7 +2,8 @@
 
 `images`: the whole `evaluate` pipeline (1-NN baseline, k=1, EfficientNet-Lite0, 2 actors) on 10^2, 10^3
 and 10^4 test images, each count in a fresh process: seconds per image, the driver's peak RSS and the
-largest Ray worker's peak RSS. Flat columns mean nothing grows with the archive.
+largest Ray worker's peak RSS, each split into private memory and Ray object-store pages mapped into it.
+Flat columns mean nothing grows with the archive.
 `shots`: in-memory `method.score` of the baseline (1 torch thread) against banks of k = 1..16 references,
 at 224 and 448 px, as a share of the bare forward at the same size, and its matching time per image.
 
@@ -62,7 +63,11 @@ def one_count(count: int, image_size: int, batch_size: int, actors: int) -> dict
                 "ms_per_image": round(1000 * seconds / images, 1),
                 "images_per_s": round(images / seconds, 1),
                 "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                "worker_peak_rss_mb": round(workers.peak_mb)}
+                "driver_peak_anon_mb": round(workers.driver_anon_mb),
+                "driver_peak_shmem_mb": round(workers.driver_shmem_mb),
+                "worker_peak_rss_mb": round(workers.peak_mb),
+                "worker_peak_anon_mb": round(workers.peak_anon_mb),
+                "worker_peak_shmem_mb": round(workers.peak_shmem_mb)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -78,11 +83,15 @@ def images_table(args) -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), f"load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\n`evaluate`, baseline k=1, {args.image_size} px, batch {args.batch_size}, {args.actors} actors")
-    print("| test images | seconds | ms / image | images/s | driver peak RSS (MiB) | worker peak RSS (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("Peaks in MiB; private = RssAnon, shared = RssShmem (Ray object store pages mapped in), "
+          "each its own peak")
+    print("| test images | seconds | ms / image | images/s | driver peak RSS | driver private "
+          "| driver shared | largest worker RSS | worker private | worker shared |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['images']:,} | {r['seconds']} | {r['ms_per_image']} | {r['images_per_s']} | "
-              f"{r['driver_peak_rss_mb']} | {r['worker_peak_rss_mb']} |")
+              f"{r['driver_peak_rss_mb']} | {r['driver_peak_anon_mb']} | {r['driver_peak_shmem_mb']} | "
+              f"{r['worker_peak_rss_mb']} | {r['worker_peak_anon_mb']} | {r['worker_peak_shmem_mb']} |")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -26,22 +26,48 @@ sys.path.insert(0, str(ROOT))
 
 
 class WorkerMemory:
-    """Peak RSS of this process's Ray worker descendants (local Ray), sampled in a thread."""
+    """Peak memory of this process's Ray worker descendants (local Ray) and of this process, sampled in
+    a thread: resident size, and its private (`RssAnon`) and shared-memory (`RssShmem`: pages of Ray's
+    object store mapped into the process) parts, each peak on its own."""
 
     def __init__(self) -> None:
-        self.peak_mb = 0.0
+        self.peak_mb = 0.0  # largest worker RSS
+        self.peak_anon_mb = 0.0  # largest worker private memory
+        self.peak_shmem_mb = 0.0  # largest worker shared memory (object store pages it touched)
+        self.driver_anon_mb = 0.0
+        self.driver_shmem_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _status_mb(pid: int) -> dict[str, float]:
+        """RssAnon / RssFile / RssShmem of a process in MiB (Linux)."""
+        out = {}
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    name, value = line.split(":")
+                    out[name] = int(value.split()[0]) / 1024
+        return out
 
     def _sample(self) -> None:
         import psutil
 
         me = psutil.Process()
         while not self._stop.is_set():
+            try:
+                own = self._status_mb(me.pid)
+                self.driver_anon_mb = max(self.driver_anon_mb, own.get("RssAnon", 0.0))
+                self.driver_shmem_mb = max(self.driver_shmem_mb, own.get("RssShmem", 0.0))
+            except OSError:  # not Linux
+                pass
             for child in me.children(recursive=True):
                 try:
                     if "ray::" in " ".join(child.cmdline()[:1]) or child.name().startswith("ray::"):
                         self.peak_mb = max(self.peak_mb, child.memory_info().rss / 2**20)
+                        parts = self._status_mb(child.pid)
+                        self.peak_anon_mb = max(self.peak_anon_mb, parts.get("RssAnon", 0.0))
+                        self.peak_shmem_mb = max(self.peak_shmem_mb, parts.get("RssShmem", 0.0))
                 except Exception:  # noqa: BLE001 - processes come and go
                     continue
             time.sleep(0.2)

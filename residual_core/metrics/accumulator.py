@@ -20,7 +20,7 @@ from residual_core.metrics.encoding import (
     encode_torch,
     shift_keys,
 )
-from residual_core.metrics.histogram import OVERLAP_BITS, AlignedBins, CollapsingHistogram
+from residual_core.metrics.histogram import OVERLAP_BITS, CollapsingHistogram
 from residual_core.metrics.reduce import reduce_anomalous, reduce_numpy, reduce_torch
 from residual_core.metrics.regions import anomalous_pixel_regions
 
@@ -77,8 +77,8 @@ def _squeeze_channel(array, name: str):
     return array
 
 
-def _error_bounds(bins: AlignedBins, c: curves.CumulativeCounts, names: tuple[str, ...], regions: int | None,
-                  limit: float) -> dict[str, float]:
+def _error_bounds(bins: curves.CurveBins, c: curves.CumulativeCounts, names: tuple[str, ...],
+                  regions: int | None, limit: float) -> dict[str, float]:
     """Certified worst-case error per metric: 0 while every bin is one float64 value (shift 0), except
     AUPRO's fixed-point overlap (below 2**-32 at every threshold)."""
     if bins.shift == 0:
@@ -221,7 +221,7 @@ class MetricAccumulator:
         """Metrics (float, or None with a reason under ``not_defined``), counts and resolution info."""
         result: dict = {}
         not_defined: dict[str, str] = {}
-        image_bins = self.image_hist.aligned()
+        image_bins = curves.curve_bins(self.image_hist)
         image = curves.CumulativeCounts.from_bins(image_bins)
         reason = _undefined_reason(image, "images", "image")
         values = (curves.auroc(image), curves.average_precision(image), curves.f1_max(image)) if not reason \
@@ -230,9 +230,10 @@ class MetricAccumulator:
         not_defined.update(dict.fromkeys(IMAGE_METRICS, reason) if reason else {})
         counts = asdict(self.counts)
         bounds = {} if reason else _error_bounds(image_bins, image, IMAGE_METRICS, None, 0.3)
-        resolution = {"image_shift": image_bins.shift, "image_bins": len(image_bins), "error_bounds": bounds}
+        resolution = {"image_shift": image_bins.shift, "image_bins": image_bins.distinct,
+                      "error_bounds": bounds}
         if self.config.pixel:
-            pixel_bins = self.pixel_hist.aligned()
+            pixel_bins = curves.curve_bins(self.pixel_hist)
             pixel = curves.CumulativeCounts.from_bins(pixel_bins)
             names = pixel_metric_names(self.config.aupro_limit)
             regions, limit = self.counts.regions, self.config.aupro_limit
@@ -244,7 +245,7 @@ class MetricAccumulator:
             result.update(zip(names, values, strict=True))
             not_defined.update(dict.fromkeys(names, reason) if reason else {})
             counts.update(pixels=pixel.positives + pixel.negatives, anomalous_pixels=pixel.positives)
-            resolution.update(pixel_shift=pixel_bins.shift, pixel_bins=len(pixel_bins))
+            resolution.update(pixel_shift=pixel_bins.shift, pixel_bins=pixel_bins.distinct)
             if reason is None:
                 resolution["error_bounds"].update(_error_bounds(pixel_bins, pixel, names, regions, limit))
         result.update(not_defined=not_defined, counts=counts, resolution=resolution)
