@@ -35,7 +35,7 @@ COMMON = [
     "evaluate.save_maps=none",
     "tracking.experiment=residual-ad-table",
 ]
-RES2CLIP_VISUAL = "mode: {mode}, branches: [visual], match_path: faiss"
+RES2CLIP_VISUAL = "mode: {mode}, branches: [visual]"  # torch path; the 3-seed table used FAISS candidates
 RESADPP_UNTRAINED = "epochs: 1, first_stage_epochs: 1, lr: 0.0"  # statistics only: no gradient step
 ROWS: dict[str, tuple[str, str]] = {  # row -> (method name, params as YAML flow mapping)
     "baseline": ("baseline", ""),

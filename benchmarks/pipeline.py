@@ -184,6 +184,8 @@ def _components(method, name: str, device: str) -> _ComponentTimer:
 
 def _method_only(args, device: str) -> None:
     """In-memory method.score vs bare forward (1 thread), per shot count; component times per batch."""
+    from dataclasses import replace
+
     import torch
 
     from residual_core.backbones import create_backbone
@@ -223,7 +225,9 @@ def _method_only(args, device: str) -> None:
             else:  # ResAD's matching asks for the torch kernel itself (first-index ties)
                 variants = [("exact search, torch kernel", contextlib.nullcontext)]
             if name == "res2clip":  # its own matching engine (strategy from the config), no "before"
-                variants = [("strategy engine (auto)", contextlib.nullcontext)]
+                variants = [("strategy engine (auto)", contextlib.nullcontext),
+                            ("FAISS candidates + exact re-rank (match_path: faiss, as `make demo`)",
+                             lambda m=method: _patched(m, "config", replace(m.config, match_path="faiss")))]
             elif name == "baseline":
                 variants.append(("dense (before)", lambda: _patched(baseline, "nearest_residual_norm",
                                                                     _dense_nearest_residual_norm)))

@@ -33,7 +33,7 @@ DEMO_OVERRIDES = [
     "evaluate.save_maps=sample",
     "tracking.experiment=residual-ad-demo",
     "lodo.methods=[{name: baseline}, "
-    "{name: res2clip, params: {mode: finetune, branches: [visual], match_path: faiss, train: {epochs: 10}}}, "
+    "{name: res2clip, params: {mode: finetune, branches: [visual], train: {epochs: 10}}}, "
     "{name: resadpp, params: {preset: cpu}}]",
 ]
 
