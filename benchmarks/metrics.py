@@ -29,9 +29,8 @@ streams them in chunks of ``--chunk`` images). "state" is the pickled ``state_di
 
 ``finish``: what `evaluate`'s driver does per category once its shards are in: the normal images and
 two defect types as three groups, through their states, merged for the category and per defect type,
-then every metric. It times the merges, and the metrics computed on every occupied bin (``aligned()``,
-the path before ``curve_bins``) side by side with the metrics on ``curve_bins``, and prints their
-largest difference.
+then every metric. It times the merges, and the metrics computed as before ``curve_bins`` (every occupied
+bin, float sums) side by side with ``compute()`` now, and prints their largest difference.
 """
 
 from __future__ import annotations
@@ -268,11 +267,22 @@ def benchmark_narrow(args, pixels: int) -> None:
 
 
 def every_bin_metrics(acc: MetricAccumulator) -> dict[str, float]:
-    """The image and pixel metrics on every occupied bin (how ``compute`` did it before ``curve_bins``)."""
+    """The image and pixel metrics as ``compute`` did them before ``curve_bins``: every occupied bin
+    (``aligned()``), AUROC and AP as float sums (``np.sum``)."""
+    def float_auroc(c: curves.CumulativeCounts) -> float:
+        fpr = np.concatenate([[0.0], c.false_positives / c.negatives])
+        tpr = np.concatenate([[0.0], c.true_positives / c.positives])
+        return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+
+    def float_ap(c: curves.CumulativeCounts) -> float:
+        tps = c.true_positives.astype(np.float64)
+        steps = np.diff(np.concatenate([[0.0], tps])) / c.positives
+        return float(np.sum(steps * tps / (tps + c.false_positives)))
+
     image = curves.CumulativeCounts.from_bins(acc.image_hist.aligned())
     pixel = curves.CumulativeCounts.from_bins(acc.pixel_hist.aligned())
-    values = [curves.auroc(image), curves.average_precision(image), curves.f1_max(image), curves.auroc(pixel),
-              curves.average_precision(pixel), curves.f1_max(pixel), curves.aupro(pixel, acc.counts.regions)]
+    values = [float_auroc(image), float_ap(image), curves.f1_max(image), float_auroc(pixel), float_ap(pixel),
+              curves.f1_max(pixel), curves.aupro(pixel, acc.counts.regions)]
     return dict(zip([*IMAGE_METRICS, "P-AUROC", "P-AP", "P-F1max", "AUPRO@0.3"], values, strict=True))
 
 

@@ -8,16 +8,21 @@ The metrics are computed on ``curve_bins``: consecutive bins holding only normal
 one, since along such a run the TPR and the region overlap stay constant while the FPR grows (each
 trapezoid is a rectangle of the same height, F1 only falls, AP's recall does not move). Anomalous samples
 are few, so the curves have ~2x as many points as there are anomalous bins instead of one per distinct
-score (about 10x fewer for pixels), and no union of the two classes' keys is sorted.
+score (about 10x fewer for pixels), and no union of the two classes' keys is sorted. AUROC is summed in
+integers and AP with `math.fsum`, so they, F1max and the error bounds are the same numbers either way;
+AUPRO's float trapezoids differ in rounding only.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from residual_core.metrics.histogram import OVERLAP_BITS, AlignedBins, CollapsingHistogram
+
+INT64_LIMIT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -77,18 +82,27 @@ def _with_origin(values: np.ndarray) -> np.ndarray:
 
 
 def auroc(c: CumulativeCounts) -> float:
-    """Area under the ROC curve (trapezoids; ties count one half)."""
-    fpr = _with_origin(c.false_positives) / c.negatives
-    tpr = _with_origin(c.true_positives) / c.positives
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+    """Area under the ROC curve (trapezoids; ties count one half), correctly rounded: the trapezoid sum is
+    an integer over 2 P N, summed exactly in int64 (every partial sum is at most 2 P N) and divided once,
+    so summing runs of bins (`curve_bins`) or not gives the same number."""
+    denominator = 2 * c.positives * c.negatives  # python ints
+    if denominator >= INT64_LIMIT:  # beyond ~3 x 10^9 samples per class: float trapezoids
+        fpr = _with_origin(c.false_positives) / c.negatives
+        tpr = _with_origin(c.true_positives) / c.positives
+        return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+    false_positive_steps = np.diff(c.false_positives, prepend=0)
+    true_positive_pairs = c.true_positives + np.concatenate([[0], c.true_positives[:-1]])
+    return int(np.dot(false_positive_steps, true_positive_pairs)) / denominator
 
 
 def average_precision(c: CumulativeCounts) -> float:
-    """scikit-learn's AP: sum over thresholds of (recall step) * precision, no interpolation."""
+    """scikit-learn's AP: sum over thresholds of (recall step) * precision, no interpolation. The terms are
+    summed with `math.fsum` (correctly rounded), so the thresholds without a recall step, which add exact
+    zeros, do not change the result (summed runs or every bin: the same number)."""
     tps = c.true_positives.astype(np.float64)
     precision = tps / (tps + c.false_positives)
     recall_step = np.diff(_with_origin(c.true_positives)) / c.positives
-    return float(np.sum(recall_step * precision))
+    return math.fsum((recall_step * precision).tolist())
 
 
 def f1_max(c: CumulativeCounts) -> float:

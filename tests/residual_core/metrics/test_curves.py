@@ -46,10 +46,30 @@ def test_curve_bins_give_the_metrics_of_every_bin(kind, capacity):
     full, summed = curves.CumulativeCounts.from_bins(every), curves.CumulativeCounts.from_bins(runs)
     assert (summed.positives, summed.negatives) == (full.positives, full.negatives)
     expected, got = metrics(full), metrics(summed)
-    assert got["f1max"] == expected["f1max"]  # the best threshold is an anomalous bin: same arithmetic
-    for name in ("auroc", "ap", "aupro"):
-        assert got[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-15)
+    for name in ("auroc", "ap", "f1max"):  # integer AUROC, fsum AP, F1max at anomalous bins: same numbers
+        assert got[name] == expected[name]
+    assert got["aupro"] == pytest.approx(expected["aupro"], rel=1e-12, abs=1e-15)  # float trapezoids
     assert curves.error_bounds(summed, REGIONS, LIMIT) == curves.error_bounds(full, REGIONS, LIMIT)
+
+
+def test_auroc_is_correctly_rounded():
+    """AUROC is the exact fraction of correctly ranked pairs (ties one half), rounded once to a float."""
+    rng = np.random.default_rng(3)
+    normal = rng.integers(0, 40, 200) / 8  # many ties, within and across the classes
+    anomalous = rng.integers(10, 50, 37) / 8
+    values = np.concatenate([normal, anomalous]).astype(np.float32)
+    positive = np.concatenate([np.zeros(200, dtype=bool), np.ones(37, dtype=bool)])
+    hist = histogram_of(values, positive, 64, chunk=50)
+    counts = curves.CumulativeCounts.from_bins(curves.curve_bins(hist))
+    twice_wins = int(2 * (anomalous[:, None] > normal).sum() + (anomalous[:, None] == normal).sum())
+    assert curves.auroc(counts) == twice_wins / (2 * 200 * 37)  # python ints: one correctly rounded division
+
+
+def test_auroc_of_huge_counts_falls_back_to_float_trapezoids():
+    big = 1 << 32
+    counts = curves.CumulativeCounts(np.array([big, 2 * big]), np.array([0, 2 * big]), np.zeros(2, np.int64),
+                                     2 * big, 2 * big)
+    assert curves.auroc(counts) == pytest.approx(0.75)
 
 
 def test_curve_bins_of_one_class_only():
