@@ -86,7 +86,7 @@ def auroc(c: CumulativeCounts) -> float:
     an integer over 2 P N, summed exactly in int64 (every partial sum is at most 2 P N) and divided once,
     so summing runs of bins (`curve_bins`) or not gives the same number."""
     denominator = 2 * c.positives * c.negatives  # python ints
-    if denominator >= INT64_LIMIT:  # beyond ~3 x 10^9 samples per class: float trapezoids
+    if denominator >= INT64_LIMIT:  # P N of ~4.6 x 10^18 and beyond (2 x 10^9 per class): float trapezoids
         fpr = _with_origin(c.false_positives) / c.negatives
         tpr = _with_origin(c.true_positives) / c.positives
         return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
