@@ -226,7 +226,7 @@ def _method_only(args, device: str) -> None:
                 variants = [("exact search, torch kernel", contextlib.nullcontext)]
             if name == "res2clip":  # its own matching engine (strategy from the config), no "before"
                 variants = [("strategy engine (auto)", contextlib.nullcontext),
-                            ("FAISS candidates + exact re-rank (match_path: faiss, as `make demo`)",
+                            ("FAISS candidates + exact re-rank (match_path: faiss)",
                              lambda m=method: _patched(m, "config", replace(m.config, match_path="faiss")))]
             elif name == "baseline":
                 variants.append(("dense (before)", lambda: _patched(baseline, "nearest_residual_norm",
