@@ -41,11 +41,11 @@ class WorkerMemory:
 
     @staticmethod
     def _status_mb(pid: int) -> dict[str, float]:
-        """RssAnon / RssFile / RssShmem of a process in MiB (Linux)."""
+        """RssAnon and RssShmem of a process in MiB (Linux)."""
         out = {}
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                if line.startswith(("RssAnon:", "RssShmem:")):
                     name, value = line.split(":")
                     out[name] = int(value.split()[0]) / 1024
         return out
