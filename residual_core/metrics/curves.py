@@ -7,7 +7,7 @@ sort-based computations up to float64 rounding.
 The metrics are computed on ``curve_bins``: consecutive bins holding only normal samples are summed into
 one, since along such a run the TPR and the region overlap stay constant while the FPR grows (each
 trapezoid is a rectangle of the same height, F1 only falls, AP's recall does not move). Anomalous samples
-are few, so the curves have ~2x as many points as there are anomalous bins instead of one per distinct
+are few, so the curves have at most 2x as many points as anomalous bins instead of one per distinct
 score (about 10x fewer for pixels), and no union of the two classes' keys is sorted. AUROC is summed in
 integers and AP with `math.fsum`, so they, F1max and the error bounds are the same numbers either way;
 AUPRO's float trapezoids differ in rounding only.
