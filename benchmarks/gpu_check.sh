@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # The GPU check of the throughput issue, for a CUDA machine, in at most ~8 minutes:
 #   1. the card (nvidia-smi) and the `gpu` extra (FAISS-GPU) installed into the project's venv;
-#   2. `pytest -m gpu tests/infra` (FAISS GPU vs CPU search, evaluate with GPU actors vs CPU);
+#   2. `pytest -m gpu` over the test files that hold GPU tests (FAISS GPU vs CPU search, the blocked exact
+#      search, uint8 normalisation and metric accumulation on cuda, evaluate with GPU actors vs CPU);
 #   3. the pipeline benchmark on cuda: bare forward vs in-memory method.score vs `evaluate` with one actor
 #      per GPU, batch 32 (the target: evaluate keeps >= 85% of the bare GPU forward);
-#   4. the matching benchmark's exact table with FAISS-GPU flat and the blocked torch search on cuda.
+#   4. the matching benchmark's exact table with the blocked torch search on cuda and FAISS-GPU flat;
+#   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # Each step has its own time limit; a failing step is reported and the next one still runs. Output:
 # one log per step and `summary.txt` under $OUT (default ./gpu_check_out), the summary also printed.
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root, after `make venv`
 #
 # The machine needs the wheels of the `gpu` extra (faiss-gpu-cu12) from a package index or a local
-# wheel directory (PIP_FIND_LINKS); without network the install step says so and the FAISS-GPU parts
-# are skipped by their own checks.
+# wheel directory (PIP_FIND_LINKS); without them the install step fails and says so, and the FAISS-GPU
+# parts are skipped by their own checks.
+#
+# On a machine without the project's venv and without a package index (a lent GPU machine whose image
+# has PyTorch), set PY to that Python and SITE_ARCHIVE to a tar.xz of the other dependencies built for
+# it (`benchmarks/gpu_site_archive.sh`): they are unpacked to /tmp/gpu-check-site and put on PYTHONPATH
+# with the repository (no install). STEPS and METHODS rerun a subset. Results: benchmarks/RESULTS.md.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
+SITE=/tmp/gpu-check-site
 SUMMARY="$OUT/summary.txt"
+STEPS=${STEPS:-"pytest_gpu pipeline matching method_only"}  # a subset reruns only those steps
+METHODS=${METHODS:-"baseline res2clip resadpp"}  # the method_only step's methods
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 : > "$SUMMARY"
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -44,21 +55,46 @@ if ! command -v nvidia-smi > /dev/null; then
 fi
 say "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
 
-step install 150 "$PY" -m pip install -q -e '.[gpu]'
-step cuda_visible 60 "$PY" -c "import torch, faiss; print('torch cuda', torch.cuda.is_available(), \
+if [ -n "${SITE_ARCHIVE:-}" ]; then
+    mkdir -p "$SITE"
+    step unpack_site 120 tar -C "$SITE" -xJf "$SITE_ARCHIVE"
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    say "python: $("$PY" --version 2>&1), torch $("$PY" -c 'import torch; print(torch.__version__)' 2>&1)"
+    say "== install: skipped (no venv, dependencies from SITE_ARCHIVE; the gpu extra is not in it)"
+else
+    step install 150 "$PY" -m pip install -q -e '.[gpu]'
+fi
+step cuda_visible 60 "$PY" -c "import torch, faiss, numpy, pyarrow, ray, timm; \
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''); \
-print('faiss gpus', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 'no GPU build')"
+print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 'no GPU build'); \
+print('numpy', numpy.__version__, 'pyarrow', pyarrow.__version__, 'ray', ray.__version__, 'timm', timm.__version__)"
 cat "$OUT/cuda_visible.log" | tee -a "$SUMMARY"
 
-step pytest_gpu 180 "$PY" -m pytest -q -m gpu tests/infra -p no:cacheprovider
-tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$SUMMARY"
+if wants pytest_gpu; then
+    # the library's GPU tests first (seconds), the end-to-end evaluate on GPU actors last
+    GPU_TESTS=$(grep -rlE "pytest.mark.gpu" tests --include='test_*.py' | sort -r)
+    step pytest_gpu 200 "$PY" -m pytest -v -rsfE -m gpu $GPU_TESTS -p no:cacheprovider
+    grep -E "^(SKIPPED|FAILED|ERROR)|passed|failed|error|skipped|deselected" "$OUT/pytest_gpu.log" | tail -n 12 | tee -a "$SUMMARY"
+fi
 
-step pipeline 150 "$PY" benchmarks/pipeline.py --device cuda --images 512 --batch-size 32 \
-    --image-size 224 --shard-size 128 --actors 1
-grep -E "bare|method.score|evaluate pipeline" "$OUT/pipeline.log" | tee -a "$SUMMARY"
+if wants pipeline; then
+    step pipeline 150 "$PY" benchmarks/pipeline.py --device cuda --images 1024 --batch-size 32 \
+        --image-size 224 --shard-size 128 --actors 1
+    grep -E "bare|method.score|evaluate pipeline" "$OUT/pipeline.log" | tee -a "$SUMMARY"
+fi
 
-step matching 90 "$PY" benchmarks/matching.py --tables exact --exact-sizes 10000 100000 --dims 24 1024 \
-    --ks 1 --repeats 2 --threads 0 --gpu
-grep -E "^\[d=" "$OUT/matching.log" | tee -a "$SUMMARY"
+if wants matching; then
+    step matching 75 "$PY" benchmarks/matching.py --tables exact --exact-sizes 10000 100000 --dims 24 1024 \
+        --ks 1 --repeats 2 --threads 0 --gpu
+    grep -E "^\[d=" "$OUT/matching.log" | tee -a "$SUMMARY"
+fi
+
+if wants method_only; then
+    # shellcheck disable=SC2086
+    step method_only 75 "$PY" benchmarks/pipeline.py --device cuda --method-only --batch-size 32 --shots 1 4 \
+        --methods $METHODS
+    grep -E "^\[|^\| (bare|baseline|res2clip|resadpp)" "$OUT/method_only.log" | tee -a "$SUMMARY"
+fi
 
 say "done: $(date -u +%FT%TZ)"

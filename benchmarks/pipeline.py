@@ -354,13 +354,11 @@ def main() -> None:
                         help="--method-only: backbone spec, or openclip-random:<arch> (random weights)")
     args = parser.parse_args()
 
-    import torch
-
     from workflows.config import load_config
     from workflows.pipelines.index import run_index
-    from workflows.pipelines.ray_runtime import init_ray
+    from workflows.pipelines.ray_runtime import init_ray, resolve_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)  # on a GPU: full float32, as the pipelines compute
     if args.method_only:
         _method_only(args, device)
         return

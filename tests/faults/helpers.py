@@ -49,7 +49,8 @@ def assert_same_metrics(first: dict, second: dict) -> None:
     for name, metrics in first.items():
         for metric, value in metrics.items():
             if isinstance(value, float):
-                assert value == pytest.approx(second[name][metric], abs=1e-4), (name, metric)
+                assert value == pytest.approx(second[name][metric], abs=1e-4), (name, metric, value,
+                                                                                 second[name][metric])
 
 
 def own_raylet_pid() -> int:

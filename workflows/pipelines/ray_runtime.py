@@ -127,11 +127,24 @@ def gpus_per_worker(requested: float | None) -> float:
 def resolve_device(device: str) -> str:
     """The torch device for a config's `device`: explicit wins; `auto` is cuda when this process sees a
     GPU (a worker started with num_gpus > 0), else cpu. The one device resolver of the pipelines."""
-    if device != "auto":
-        return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        full_float32_on_gpu()
+    return device
+
+
+def full_float32_on_gpu() -> None:
+    """Float32 convolutions and matrix products in full precision on GPUs. PyTorch lets cuDNN compute float32
+    convolutions in TF32 (a 10-bit mantissa) by default on Ampere and newer GPUs, which moved an H100's
+    anomaly maps far enough from the CPU's to change pixel metrics by more than 1e-4; the pipelines give
+    the same figures on either device, to float rounding."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def actor_cpus(num_actors: int) -> float:

@@ -258,7 +258,7 @@ class ShardOutputs:
                 [groups[i] for i in labelled],
                 scores[index],
                 torch.tensor([rows[i]["label"] for i in labelled]),
-                anomaly_maps[index.to(anomaly_maps.device)].cpu(),
+                anomaly_maps[index.to(anomaly_maps.device)],  # on a GPU actor reduced there (same state)
                 torch.from_numpy(np.asarray(masks[: len(rows)])).bool()[index],
                 torch.tensor([rows[i]["has_mask"] for i in labelled]),
             )

@@ -1,6 +1,8 @@
-"""`init_ray` starting a local Ray: the raylet keeps idle workers beyond one per CPU (so the task workers
-that imported the pipeline survive the actors' start; `ray_runtime.IDLE_WORKERS_BEYOND_CPUS`), unless the
-user set Ray's own soft limit; in a fresh process, since a local Ray's settings are fixed at its start."""
+"""The pipelines' Ray and device settings. `init_ray` starting a local Ray: the raylet keeps idle workers
+beyond one per CPU (so the task workers that imported the pipeline survive the actors' start;
+`ray_runtime.IDLE_WORKERS_BEYOND_CPUS`), unless the user set Ray's own soft limit; in a fresh process,
+since a local Ray's settings are fixed at its start. Bank tasks reuse their worker; a GPU computes in full
+float32."""
 
 from __future__ import annotations
 
@@ -38,3 +40,33 @@ def test_a_local_ray_keeps_idle_workers_unless_the_user_says(user_limit):
     config = _started_config(env)
     expected = None if user_limit else 2 + IDLE_WORKERS_BEYOND_CPUS
     assert config.get("num_workers_soft_limit") == expected
+
+
+def test_bank_tasks_reuse_their_worker_when_they_ask_for_a_gpu():
+    """Ray gives a task asking for GPUs a new worker process per call unless `max_calls` says otherwise
+    (a new process, CUDA context and model per bank); the bank tasks' options say otherwise."""
+    import ray
+
+    from workflows.pipelines.index import bank_task_options, build_bank_task
+
+    remote = ray.remote(**bank_task_options(gpus=1.0, max_retries=2))(build_bank_task)
+    assert remote._default_options["max_calls"] == 0  # 0: no limit
+    assert ray.remote(num_gpus=1.0)(build_bank_task)._default_options["max_calls"] == 1  # Ray's default
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_gpu_device_computes_in_full_float32(device):
+    """PyTorch lets cuDNN use TF32 for float32 convolutions on Ampere and newer GPUs; the pipelines turn
+    that off wherever they resolve a CUDA device, so GPU and CPU runs give the same figures."""
+    import torch
+
+    from workflows.pipelines.ray_runtime import resolve_device
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        assert resolve_device("cpu") == "cpu" and torch.backends.cudnn.allow_tf32
+        assert resolve_device(device) == device
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
