@@ -26,6 +26,7 @@ streams them in chunks of ``--chunk`` images). "state" is the pickled ``state_di
     .venv/bin/python benchmarks/metrics.py --case narrow --pixels 1e8           # issue 13's case
     .venv/bin/python benchmarks/metrics.py --case narrow --pixels 1e6 --sklearn # reference check
     .venv/bin/python benchmarks/metrics.py --case finish --pixels 3.2e6 --size 224  # one category
+    .venv/bin/python benchmarks/metrics.py --case state --pixels 3.2e6 --size 224   # one actor's shard
 
 ``finish``: what `evaluate`'s driver does per category once its shards are in: the normal images and
 two defect types as three groups, through their states, merged for the category and per defect type,
@@ -48,6 +49,7 @@ import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from residual_core.metrics import IMAGE_METRICS, GroupedAccumulator, MetricAccumulator, curves
+from residual_core.metrics.histogram import AlignedBins, CollapsingHistogram, union_keys
 from residual_core.metrics.regions import anomalous_pixel_regions
 
 NARROW_STEP = 1e-7  # float32 spacing near 0.5 is 6e-8: consecutive levels stay distinct
@@ -320,6 +322,47 @@ def benchmark_finish(args, pixels: int) -> None:
           f"largest metric difference {diff:.1e}")
 
 
+def sorted_union_aligned(hist: CollapsingHistogram) -> AlignedBins:
+    """``CollapsingHistogram.aligned`` as it was before the binary-search placement: the union of both
+    classes' keys by a sort, then every normal key searched in it."""
+    hist.consolidate()
+    keys = union_keys(hist.normal.keys, hist.anomalous.keys)
+    negatives = np.zeros(len(keys), dtype=np.int64)
+    positives, overlap = negatives.copy(), negatives.copy()
+    negatives[np.searchsorted(keys, hist.normal.keys)] = hist.normal.counts
+    where = np.searchsorted(keys, hist.anomalous.keys)
+    positives[where] = hist.anomalous.counts
+    overlap[where] = hist.anomalous.overlap
+    return AlignedBins(hist.normal.shift, keys, negatives, positives, overlap)
+
+
+def benchmark_state(args, pixels: int) -> None:
+    """A scoring actor's per-shard `state_dict()` (after the shard's updates), with the aligned bins placed
+    by binary search (now) and by the sorted union (before); the states must be equal."""
+    grouped = GroupedAccumulator()
+    for scores, labels, maps, masks in synthetic_chunks(pixels, args.size, args.chunk, args.seed):
+        kinds = np.where(labels == 0, "normal", "defect:a")
+        grouped.update(kinds.tolist(), scores, labels, maps, masks)
+    blob = pickle.dumps(grouped)
+    timings, states = {"before": [], "now": []}, {}
+    for _ in range(args.repeats):
+        for name in ("before", "now"):
+            copy = pickle.loads(blob)
+            original = CollapsingHistogram.aligned
+            if name == "before":
+                CollapsingHistogram.aligned = sorted_union_aligned
+            try:
+                start = time.perf_counter()
+                states[name] = copy.state_dict()
+                timings[name].append(time.perf_counter() - start)
+            finally:
+                CollapsingHistogram.aligned = original
+    same = pickle.dumps(states["before"]) == pickle.dumps(states["now"])
+    before, now = min(timings["before"]), min(timings["now"])
+    print(f"\n[state {pixels:.1e} pixels, {args.size} px, 2 groups] best of {args.repeats}: "
+          f"before {before:.3f} s, now {now:.3f} s ({before / now:.2f}x); same state: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pixels", type=float, nargs="+", default=[1e7, 1e8])
@@ -329,14 +372,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ap-f1", action="store_true", help="also check P-AP and P-F1max against sklearn")
     parser.add_argument("--engine-only", action="store_true", help="continuous: skip the references")
-    parser.add_argument("--case", choices=("continuous", "narrow", "finish"), default="continuous")
+    parser.add_argument("--case", choices=("continuous", "narrow", "finish", "state"), default="continuous")
     parser.add_argument("--repeats", type=int, default=3, help="finish: best of")
     parser.add_argument("--levels", type=float, default=1e6, help="narrow: distinct pixel scores")
     parser.add_argument("--sklearn", action="store_true", help="narrow: check the reference against sklearn")
     args = parser.parse_args()
-    if args.case == "finish":
+    if args.case in ("finish", "state"):
         for pixels in args.pixels:
-            benchmark_finish(args, int(pixels))
+            (benchmark_finish if args.case == "finish" else benchmark_state)(args, int(pixels))
         return
     if args.case == "narrow":
         args.levels = int(args.levels)

@@ -382,16 +382,30 @@ class CollapsingHistogram:
         return out.consolidate()
 
     def aligned(self) -> AlignedBins:
-        """Both classes on the union of their keys (for computing curves)."""
+        """Both classes on the union of their keys (for computing curves). The few anomalous keys are
+        placed among the many normal ones by binary search: each key's union position is its index plus
+        the other class's keys below it (no sort, no search of the normal keys)."""
         self.consolidate()
-        keys = union_keys(self.normal.keys, self.anomalous.keys)
-        negatives = np.zeros(len(keys), dtype=np.int64)
+        normal, anomalous = self.normal, self.anomalous
+        where = np.searchsorted(normal.keys, anomalous.keys)  # normal keys below each anomalous key
+        shared = where < len(normal)
+        shared[shared] = normal.keys[where[shared]] == anomalous.keys[shared]
+        new = ~shared
+        new_before = np.cumsum(new) - new  # anomalous-only keys below each anomalous key
+        anomalous_at = where + new_before
+        # a normal key's position: its index plus the anomalous-only keys below it (their `where` <= index)
+        below = np.cumsum(np.bincount(where[new], minlength=len(normal) + 1))[:-1]
+        normal_at = np.arange(len(normal)) + below
+        size = len(normal) + int(new.sum())
+        keys = np.empty(size, dtype=np.uint64)
+        keys[normal_at] = normal.keys
+        keys[anomalous_at] = anomalous.keys
+        negatives = np.zeros(size, dtype=np.int64)
         positives, overlap = negatives.copy(), negatives.copy()
-        negatives[np.searchsorted(keys, self.normal.keys)] = self.normal.counts
-        where = np.searchsorted(keys, self.anomalous.keys)
-        positives[where] = self.anomalous.counts
-        overlap[where] = self.anomalous.overlap
-        return AlignedBins(self.normal.shift, keys, negatives, positives, overlap)
+        negatives[normal_at] = normal.counts
+        positives[anomalous_at] = anomalous.counts
+        overlap[anomalous_at] = anomalous.overlap
+        return AlignedBins(normal.shift, keys, negatives, positives, overlap)
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

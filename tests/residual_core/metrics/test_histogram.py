@@ -90,3 +90,27 @@ def test_dense_window_and_sparse_paths_give_the_same_state(capacity):
         states.append(hist.state_dict())
     for state in states[1:]:
         assert_same_histogram_state(state, states[0])
+
+
+@pytest.mark.parametrize("top", [4, 60, 10**6])
+def test_aligned_bins_place_both_classes_on_the_sorted_union(top):
+    """`aligned` places the anomalous keys among the normal ones by binary search; the result is the
+    sorted union with each class's counts (0 where absent): keys shared, anomalous-only keys below, between
+    and above the normal ones, either class empty."""
+    rng = np.random.default_rng(top)
+    for _ in range(200):
+        normal_keys = np.unique(rng.integers(0, top, rng.integers(0, 40)).astype(np.uint64))
+        anomalous_keys = np.unique(rng.integers(0, top, rng.integers(0, 40)).astype(np.uint64))
+        normal = BinCounts(0, normal_keys, rng.integers(1, 9, len(normal_keys)))
+        anomalous = BinCounts(0, anomalous_keys, rng.integers(1, 9, len(anomalous_keys)),
+                              rng.integers(0, 9, len(anomalous_keys)))
+        bins = CollapsingHistogram(10**6, normal, anomalous).aligned()
+        union = np.union1d(normal_keys, anomalous_keys)
+        assert np.array_equal(bins.keys, union) and bins.keys.dtype == np.uint64
+        for values, part in ((bins.negatives, normal), (bins.positives, anomalous)):
+            expected = np.zeros(len(union), dtype=np.int64)
+            expected[np.searchsorted(union, part.keys)] = part.counts
+            assert np.array_equal(values, expected)
+        expected = np.zeros(len(union), dtype=np.int64)
+        expected[np.searchsorted(union, anomalous.keys)] = anomalous.overlap
+        assert np.array_equal(bins.overlap, expected)
