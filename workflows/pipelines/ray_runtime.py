@@ -147,6 +147,9 @@ def full_float32_on_gpu() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+GPU_ACTOR_CPUS = 1.0  # a GPU scoring actor's CPU share: Ray Data's default beside a GPU (`actor_resources`)
+
+
 def actor_cpus(num_actors: int) -> float:
     """CPUs per scoring actor: leave room for the preprocessing tasks beside the actors."""
     cpus = float(ray.cluster_resources().get("CPU", 1))

@@ -358,9 +358,15 @@ def run_scoring(
             actor_cls or ScoringActor,
             fn_constructor_kwargs={"batch_size": batch_size, "num_cpus": actor_num_cpus},
             compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
-            num_cpus=actor_num_cpus,
-            num_gpus=num_gpus_per_actor or None,
+            **actor_resources(num_gpus_per_actor, actor_num_cpus),
             max_restarts=max_retries,
             max_task_retries=max_retries,
         )
     yield from scored.iter_rows()
+
+
+def actor_resources(num_gpus: float, num_cpus: float) -> dict:
+    """The scoring actors' Ray resources. A GPU actor names only its GPUs: Ray Data then reserves its
+    default of 1 CPU beside them (the share `evaluate` and `scan` give a GPU actor) and does not print,
+    every run, that naming both "is experimental"."""
+    return {"num_gpus": num_gpus} if num_gpus else {"num_cpus": num_cpus}
