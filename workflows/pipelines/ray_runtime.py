@@ -31,6 +31,7 @@ RAY_DATA_CONSOLE_LEVEL = "WARNING"
 # holds a few hundred MB.
 IDLE_WORKERS_BEYOND_CPUS = 6
 SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"  # the user's own setting wins
+GPU_ACTOR_CPUS = 1.0  # a GPU scoring actor's CPU share: Ray Data's default beside a GPU (`actor_resources`)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -145,9 +146,6 @@ def full_float32_on_gpu() -> None:
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-
-
-GPU_ACTOR_CPUS = 1.0  # a GPU scoring actor's CPU share: Ray Data's default beside a GPU (`actor_resources`)
 
 
 def actor_cpus(num_actors: int) -> float:
