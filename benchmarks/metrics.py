@@ -373,7 +373,7 @@ def main() -> None:
     parser.add_argument("--ap-f1", action="store_true", help="also check P-AP and P-F1max against sklearn")
     parser.add_argument("--engine-only", action="store_true", help="continuous: skip the references")
     parser.add_argument("--case", choices=("continuous", "narrow", "finish", "state"), default="continuous")
-    parser.add_argument("--repeats", type=int, default=3, help="finish: best of")
+    parser.add_argument("--repeats", type=int, default=3, help="finish, state: best of")
     parser.add_argument("--levels", type=float, default=1e6, help="narrow: distinct pixel scores")
     parser.add_argument("--sklearn", action="store_true", help="narrow: check the reference against sklearn")
     args = parser.parse_args()

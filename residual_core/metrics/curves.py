@@ -39,7 +39,8 @@ class CurveBins:
 
 def curve_bins(histogram: CollapsingHistogram) -> CurveBins:
     """The histogram's ``CurveBins``: one cumulative sum over the normal bins and a binary search of each
-    anomalous key in them (``aligned()`` sorts the union of both classes' keys instead)."""
+    anomalous key in them (``aligned()`` places every normal bin on the union of both classes' keys
+    instead)."""
     histogram.consolidate()  # both classes at one shift
     normal, anomalous = histogram.normal, histogram.anomalous
     below = np.zeros(len(normal) + 1, dtype=np.int64)  # normal count below each normal bin
