@@ -66,6 +66,24 @@ def request_timeouts() -> tuple[float, float]:
     return min(5.0, max(1.0, deadline / 12)), min(15.0, max(2.0, deadline / 4))
 
 
+ATTEMPT_ROUND_TRIPS = 2.0
+"""One upload attempt may last this many (connect + read) timeouts before it is cut and retried."""
+MIN_UPLOAD_BYTES_PER_S = 2**20
+"""Slowest upload rate still worth waiting for: each attempt (and the deadline) gets the payload's
+size at this rate on top (`with_retries(payload_bytes=...)`)."""
+
+
+def upload_attempt_s(nbytes: int) -> float:
+    """Hard bound of one upload attempt of `nbytes`: 40 s plus 1 s per MiB with the default deadline.
+
+    The socket timeouts alone do not bound an upload: aiohttp arms its read timeout only once the
+    body is sent, and a PUT whose `Expect: 100-continue` preamble meets a connection the server has
+    just reset waits for an answer forever (seen in `tests/faults`, s3fs 2026.9, aiohttp 3.14). A hung
+    attempt is cut here and retried like any other transient error."""
+    connect_s, read_s = request_timeouts()
+    return ATTEMPT_ROUND_TRIPS * (connect_s + read_s) + nbytes / MIN_UPLOAD_BYTES_PER_S
+
+
 # ----------------------------------------------------------------------------- retries
 def is_transient(exc: BaseException) -> bool:
     """Whether an error is worth retrying (throttling, 5xx, dropped connections, timeouts)."""
@@ -90,12 +108,13 @@ def _remaining_s() -> float | None:
     return None if deadline is None else max(0.5, deadline - time.monotonic())
 
 
-def _bounded(fs: fsspec.AbstractFileSystem, method: str, *args, **kwargs):
+def _bounded(fs: fsspec.AbstractFileSystem, method: str, *args, attempt_s: float | None = None, **kwargs):
     """Call `fs.method(*args, **kwargs)`; on an async filesystem (s3fs) with a hard timeout of what is
-    left of the current deadline, so no single call can outlive it."""
+    left of the current deadline, so no single call can outlive it, and of `attempt_s` when given (a
+    hung attempt then fails as `FSTimeoutError`, which `with_retries` retries)."""
     remaining = _remaining_s()
     if remaining is not None and isinstance(fs, AsyncFileSystem) and not fs.asynchronous:
-        kwargs["timeout"] = remaining
+        kwargs["timeout"] = remaining if attempt_s is None else min(remaining, attempt_s)
     return getattr(fs, method)(*args, **kwargs)
 
 
@@ -103,17 +122,20 @@ MAX_BACKOFF_S = 4.0
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay_s: float = 0.25,
-                 deadline_s: float | None = None) -> T:
+                 payload_bytes: int = 0) -> T:
     """Call `fn` and retry transient errors with exponential backoff (capped at `MAX_BACKOFF_S`) until
-    the deadline (`deadline_s`, default `RESIDUAL_AD_S3_DEADLINE_S`) or `attempts` (default: no count
-    limit) run out: an outage shorter than the deadline is carried through, a longer one fails. No retry
-    starts after the deadline, and s3fs calls made through `_bounded` inside `fn` are cut at it.
+    the deadline (`RESIDUAL_AD_S3_DEADLINE_S`, plus `payload_bytes` at `MIN_UPLOAD_BYTES_PER_S` for an
+    upload, so a large object is not cut by a deadline sized for small ones) or `attempts` (default:
+    no count limit) run out: an outage shorter than the deadline is carried through, a longer one
+    fails. No retry starts after the deadline, and s3fs calls made through `_bounded` inside `fn` are
+    cut at it.
 
     Non-transient errors and the last transient one are raised as `StorageError` with a redacted
     message naming `what` (`FileNotFoundError` passes through unchanged but redacted)."""
-    budget = storage_deadline_s() if deadline_s is None else deadline_s
+    bound_s = storage_deadline_s()
+    transfer_s = payload_bytes / MIN_UPLOAD_BYTES_PER_S
     started = time.monotonic()
-    deadline = started + budget
+    deadline = started + bound_s + transfer_s
     outer = getattr(_local, "deadline", None)
     _local.deadline = deadline if outer is None else min(outer, deadline)
     attempt = 0
@@ -134,8 +156,9 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int | None = None,
                 detail = f"{type(exc).__name__}: {str(exc).strip() or 'no answer in time'}"
                 if transient:
                     elapsed = time.monotonic() - started
+                    allowance = f" + {transfer_s:.0f}s for {payload_bytes} bytes" if transfer_s >= 1 else ""
                     detail += (f" (gave up after {attempt} attempt(s) in {elapsed:.0f}s; "
-                               f"bound {DEADLINE_ENV}={budget:g})")
+                               f"bound {DEADLINE_ENV}={bound_s:g}{allowance})")
                 raise StorageError(redact(f"{what}: {detail}")) from None
     finally:
         _local.deadline = outer
@@ -360,7 +383,8 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
     atomically (a failed upload leaves nothing visible)."""
     fs, path = resolve(url)
     if is_s3(url):
-        with_retries(lambda: _bounded(fs, "pipe_file", path, data), what=f"write {url}")
+        with_retries(lambda: _bounded(fs, "pipe_file", path, data, attempt_s=upload_attempt_s(len(data))),
+                     what=f"write {url}", payload_bytes=len(data))
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = temp_sibling(path)

@@ -84,6 +84,37 @@ def test_long_outage_fails_within_the_bound_naming_the_object(s3_server, proxy, 
     assert storage.read_bytes(url) == b"payload"
 
 
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    got: dict = {}
+
+    def run() -> None:
+        try:
+            got["result"] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            got["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_hung_upload_is_cut_and_retried_long_before_the_deadline(s3_server, proxy, monkeypatch):
+    """A PUT that S3 accepts and never answers: aiohttp arms no read timeout before a PUT's body is
+    sent (`Expect: 100-continue`), so only the per-attempt bound cuts it; the next attempt lands once
+    S3 answers again, instead of the write hanging until the deadline (600 s here)."""
+    monkeypatch.setenv(storage.DEADLINE_ENV, "600")
+    monkeypatch.setattr(storage, "ATTEMPT_ROUND_TRIPS", 0.1)  # 2 s attempts, not 40 s: a short test
+    storage.clear_cache()
+    url = s3_server.unique_url("hung") + "/object.json"
+    proxy.down("blackhole")
+    writer, got = _in_background(lambda: storage.atomic_write_bytes(url, b"payload"))
+    assert proxy.wait_for_hits(2, timeout_s=240), "the held attempt was never cut and retried"
+    proxy.up()
+    writer.join(timeout=600)
+    assert got == {"result": None}
+    assert storage.read_bytes(url) == b"payload"
+
+
 def test_parquet_reads_are_bounded_too(s3_server, proxy, monkeypatch):
     """pyarrow's native S3 client (Parquet scans in the pipelines) against a server that never answers."""
     from workflows.pipelines.shards import plan_shards, read_shard
