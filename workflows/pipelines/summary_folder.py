@@ -13,6 +13,7 @@ logs the same parent/nested layout from the command and from `log-results`.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,7 +101,9 @@ class SummaryRecord:
 
 
 def new_folder_url(output: str, kind: str) -> str:
-    return storage.join(output, KIND_DIRS[kind], time.strftime("%Y%m%d-%H%M%S"))
+    """`OUTPUT/<kind dir>/<local time>-<6 hex>`: names sort by time, and two commands finishing in the
+    same second (or racing on one output) never write into one folder."""
+    return storage.join(output, KIND_DIRS[kind], f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
 
 
 def evaluate_record(config: RunConfig, results: list[EvalResult], backbone_identity: dict) -> SummaryRecord:

@@ -53,6 +53,14 @@ def test_written_folder_loads_back_as_the_same_record(tmp_path):
     assert loaded.rows == record.rows
 
 
+def test_summaries_made_in_one_second_get_their_own_folders(tmp_path):
+    config, _, first = _record(tmp_path)
+    second = evaluate_record(config, [], IDENTITY)
+    assert first.url != second.url
+    parent = storage.join(config.output, "evaluations")
+    assert {u.rsplit("/", 1)[0] for u in (first.url, second.url)} == {parent}
+
+
 def test_further_tables_are_written_and_listed(tmp_path, monkeypatch):
     monkeypatch.setattr(summary_folder, "SUMMARY_TABLES", [
         *summary_folder.SUMMARY_TABLES, lambda results: {"per_seed.csv": f"{len(results)} jobs\n"}])
