@@ -42,6 +42,21 @@ def proxy(s3_server, monkeypatch):
     storage.clear_cache()
 
 
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    """Run `fn` on a daemon thread; the dict gets its `result` or its `error`."""
+    got: dict = {}
+
+    def run() -> None:
+        try:
+            got["result"] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            got["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, got
+
+
 @pytest.mark.parametrize("mode", ["refuse", "blackhole"])
 def test_short_outage_is_carried_by_bounded_retries(s3_server, proxy, monkeypatch, mode):
     monkeypatch.setenv(storage.DEADLINE_ENV, "600")  # the outage ends when the test says, well within
@@ -49,20 +64,11 @@ def test_short_outage_is_carried_by_bounded_retries(s3_server, proxy, monkeypatc
     url = s3_server.unique_url("outage") + "/object.bin"
     storage.atomic_write_bytes(url, b"payload")
     proxy.down(mode)
-    got: dict = {}
-
-    def read() -> None:
-        try:
-            got["data"] = storage.read_bytes(url)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            got["error"] = exc
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    reader, got = _in_background(lambda: storage.read_bytes(url))
     assert proxy.wait_for_hits(1), "the read never met the outage"
     proxy.up()
     reader.join(timeout=600)
-    assert got == {"data": b"payload"}  # retried across the outage
+    assert got == {"result": b"payload"}  # retried across the outage
 
 
 @pytest.mark.parametrize("mode", ["refuse", "blackhole"])
@@ -82,20 +88,6 @@ def test_long_outage_fails_within_the_bound_naming_the_object(s3_server, proxy, 
     assert time.monotonic() - started < 300  # bounded (3 x 5 s here), never a hang; generous under load
     proxy.up()
     assert storage.read_bytes(url) == b"payload"
-
-
-def _in_background(fn) -> tuple[threading.Thread, dict]:
-    got: dict = {}
-
-    def run() -> None:
-        try:
-            got["result"] = fn()
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
-            got["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, got
 
 
 def test_a_hung_upload_is_cut_and_retried_long_before_the_deadline(s3_server, proxy, monkeypatch):
