@@ -127,8 +127,7 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
     open_jobs = [(job, shards) for _, job, shards in jobs if not storage.is_committed(job.job_url)]
     with CategoryFinisher(open_jobs, committed) as finisher:  # categories finished while others score
         if tasks:
-            num_gpus = ray_runtime.gpus_per_worker(ev.num_gpus_per_actor)
-            actor_cpus = ray_runtime.GPU_ACTOR_CPUS if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
+            num_gpus, actor_cpus = ray_runtime.scoring_actor_share(ev.num_gpus_per_actor, ev.num_actors)
             rows = run_scoring(tasks, batch_size=ev.batch_size, num_actors=ev.num_actors,
                                num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus,
                                max_retries=ev.max_retries)

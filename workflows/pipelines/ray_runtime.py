@@ -154,6 +154,13 @@ def actor_cpus(num_actors: int) -> float:
     return max(0.25, min(1.0, (cpus - 0.5) / max(1, num_actors)))
 
 
+def scoring_actor_share(num_gpus_per_actor: float | None, num_actors: int) -> tuple[float, float]:
+    """(GPUs, CPUs) of each scoring actor of `evaluate` and `scan`: a GPU actor gets `GPU_ACTOR_CPUS`
+    beside its GPUs, a CPU actor its share of the cluster's CPUs (`actor_cpus`)."""
+    num_gpus = gpus_per_worker(num_gpus_per_actor)
+    return num_gpus, GPU_ACTOR_CPUS if num_gpus else actor_cpus(num_actors)
+
+
 def torch_threads(num_cpus: float) -> int:
     """Intra-op torch threads for a worker holding `num_cpus` CPUs (at least one): so actors sharing a
     node do not each start a thread per core."""

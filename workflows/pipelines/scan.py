@@ -225,9 +225,8 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
     if not todo:
         return stats
     ev = config.evaluate
-    num_gpus = ray_runtime.gpus_per_worker(ev.num_gpus_per_actor)
+    num_gpus, actor_cpus = ray_runtime.scoring_actor_share(ev.num_gpus_per_actor, ev.num_actors)
     start = time.perf_counter()
-    actor_cpus = ray_runtime.GPU_ACTOR_CPUS if num_gpus else ray_runtime.actor_cpus(ev.num_actors)
     rows = run_scoring([(job, s) for s in todo], batch_size=ev.batch_size, num_actors=ev.num_actors,
                        num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus,
                        max_retries=ev.max_retries, prepare_fn=prepare_scan_shard, actor_cls=ScanActor,
