@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from residual_core.metrics import curves
+from residual_core.metrics.device_fold import DeviceFold
 from residual_core.metrics.encoding import (
     FLOAT32_ZERO_BITS,
     as_float_array,
@@ -21,7 +22,7 @@ from residual_core.metrics.encoding import (
     shift_keys,
 )
 from residual_core.metrics.histogram import OVERLAP_BITS, CollapsingHistogram
-from residual_core.metrics.reduce import reduce_anomalous, reduce_numpy, reduce_torch
+from residual_core.metrics.reduce import reduce_anomalous, reduce_numpy, reduce_torch_bins
 from residual_core.metrics.regions import anomalous_pixel_regions
 
 STATE_VERSION = 2  # 2: float64 keys, capacity counts distinct scores, compact arrays; 1 still read
@@ -69,6 +70,12 @@ def _binary_masks(masks, name: str) -> np.ndarray:
     return masks if masks.dtype == bool else masks > 0.5
 
 
+def _reduces_on_device(maps) -> bool:
+    """Whether a batch's pixels are reduced and folded where its maps are: a CUDA (any non-CPU) tensor
+    stays on its device, and only each histogram's compact folded bins reach the host."""
+    return isinstance(maps, torch.Tensor) and maps.device.type != "cpu"
+
+
 def _squeeze_channel(array, name: str):
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
@@ -102,6 +109,25 @@ class MetricAccumulator:
         self.counts = SampleCounts()
         self.image_hist = CollapsingHistogram(self.config.image_capacity)
         self.pixel_hist = CollapsingHistogram(self.config.pixel_capacity)
+
+    @property
+    def pixel_hist(self) -> CollapsingHistogram:
+        """The pixel histogram, with the batches still folding on a device handed to it first."""
+        pending = self._device_pixels.take() if self._device_pixels is not None else None
+        if pending is not None:
+            self._pixel_hist.add(*pending)
+        return self._pixel_hist
+
+    @pixel_hist.setter
+    def pixel_hist(self, histogram: CollapsingHistogram) -> None:
+        self._pixel_hist = histogram
+        self._device_pixels: DeviceFold | None = None  # created by the first batch of device maps
+
+    def __getstate__(self) -> dict:
+        """Pickled with everything on the host (no device tensors travel)."""
+        state = dict(self.__dict__, _pixel_hist=self.pixel_hist)
+        state["_device_pixels"] = None
+        return state
 
     # -- accumulation -------------------------------------------------------------------------------
     def update(self, image_scores, labels, anomaly_maps=None, masks=None, has_mask=None) -> None:
@@ -160,23 +186,27 @@ class MetricAccumulator:
                              "have anomalous pixels")
         empty = int((~has_region & anomalous[index]).sum())
         region, region_sizes = anomalous_pixel_regions(binary)
-        shift = self.pixel_hist.shift
-        if isinstance(maps, torch.Tensor) and maps.device.type != "cpu":
+        if _reduces_on_device(maps):
             device = maps.device
+            if self._device_pixels is None:
+                self._device_pixels = DeviceFold(self.config.pixel_capacity)
+            shift = max(self._pixel_hist.shift, self._device_pixels.shift)
             keys = encode_torch(maps if everything else maps[torch.from_numpy(index).to(device)],
                                 "anomaly_maps") >> shift
-            part = reduce_torch(keys, torch.from_numpy(binary.reshape(-1)).to(device), shift,
-                                torch.from_numpy(region).to(device), torch.from_numpy(region_sizes))
-        else:
-            maps = as_float_array(maps, "anomaly_maps")
-            keys = shift_keys(encode_numpy(maps if everything else maps[index], "anomaly_maps"), shift)
-            positive = binary.reshape(-1)
-            part = (None, reduce_anomalous(keys[positive], shift, region, region_sizes))
-            zero_bits = FLOAT32_ZERO_BITS if maps.dtype.kind == "f" and maps.dtype.itemsize <= 4 else 0
-            normal_keys = keys[~positive]
-            del keys
-            self.pixel_hist.add_normal_keys(normal_keys, shift, zero_bits, fold=False)
-            del normal_keys  # the batch's keys are freed before ``add`` folds (and maybe collapses)
+            self._device_pixels.add(*reduce_torch_bins(
+                keys, torch.from_numpy(binary.reshape(-1)).to(device), shift,
+                torch.from_numpy(region).to(device), torch.from_numpy(region_sizes)))
+            return len(region_sizes) - 1, empty
+        shift = self.pixel_hist.shift
+        maps = as_float_array(maps, "anomaly_maps")
+        keys = shift_keys(encode_numpy(maps if everything else maps[index], "anomaly_maps"), shift)
+        positive = binary.reshape(-1)
+        part = (None, reduce_anomalous(keys[positive], shift, region, region_sizes))
+        zero_bits = FLOAT32_ZERO_BITS if maps.dtype.kind == "f" and maps.dtype.itemsize <= 4 else 0
+        normal_keys = keys[~positive]
+        del keys
+        self.pixel_hist.add_normal_keys(normal_keys, shift, zero_bits, fold=False)
+        del normal_keys  # the batch's keys are freed before ``add`` folds (and maybe collapses)
         self.pixel_hist.add(*part)
         return len(region_sizes) - 1, empty
 

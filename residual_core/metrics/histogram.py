@@ -24,6 +24,7 @@ import numpy as np
 OVERLAP_BITS = 32
 MAX_REGION_PIXELS = (1 << 30) - 1  # keeps tail_count << OVERLAP_BITS inside int64
 MAX_SHIFT = 63  # at shift 63 every key is 0 or 1: two bins always fit
+BIT_LENGTH_BINS = 66  # bit lengths 0..64 of adjacent keys' XOR, and one spare
 WINDOW_MAX_SLOTS = 1 << 21  # dense window: at most 16 MiB of int64 counts whatever the capacity
 _UINT64_MAX = (1 << 64) - 1
 
@@ -145,10 +146,16 @@ def extra_shift_to_fit(keys: np.ndarray, capacity: int) -> int:
     """
     if len(keys) <= capacity:
         return 0
-    lengths = np.zeros(66, dtype=np.int64)
+    lengths = np.zeros(BIT_LENGTH_BINS, dtype=np.int64)
     for start in range(0, len(keys) - 1, 1 << 18):  # in chunks: temporaries stay small
         pairs = slice(start, min(start + (1 << 18), len(keys) - 1))
-        lengths += np.bincount(bit_lengths(keys[1:][pairs] ^ keys[:-1][pairs]), minlength=66)
+        lengths += np.bincount(bit_lengths(keys[1:][pairs] ^ keys[:-1][pairs]), minlength=BIT_LENGTH_BINS)
+    return shift_from_bit_lengths(lengths, capacity)
+
+
+def shift_from_bit_lengths(lengths: np.ndarray, capacity: int) -> int:
+    """``extra_shift_to_fit`` from the histogram of the adjacent keys' XOR bit lengths (its last step,
+    shared with the device fold): the smallest d at which 1 + the pairs still apart fit."""
     apart_at = np.cumsum(lengths[::-1])[::-1]  # apart_at[d + 1]: pairs still apart at shift d
     fits = np.flatnonzero(1 + apart_at[1:] <= capacity)
     return int(fits[0])
@@ -237,7 +244,10 @@ class CollapsingHistogram:
         return max([self.normal.shift, self.anomalous.shift, *(p.shift for p in parts)])
 
     def add(self, normal: BinCounts | None, anomalous: BinCounts | None) -> None:
-        """Add reduced batches (at the current shift); queued and folded in once the queue is large."""
+        """Add reduced batches (at the current shift or coarser: a device fold may have collapsed them);
+        queued and folded in once the queue is large."""
+        if normal is not None and self.window is not None and normal.shift > self.window_shift:
+            self._close_window()  # the window's slots are finer than these bins
         if normal is not None and self.window is not None:
             normal = self._absorb_into_window(normal)
         self.pending.append((normal, anomalous))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from residual_core.metrics.encoding import torch_keys_to_numpy
+from residual_core.metrics.device_fold import DeviceBins
 from residual_core.metrics.histogram import (
     MAX_REGION_PIXELS,
     OVERLAP_BITS,
@@ -68,20 +68,23 @@ def reduce_numpy(keys: np.ndarray, positive: np.ndarray, shift: int, region: np.
     return normal, reduce_anomalous(keys[positive], shift, region, region_sizes)
 
 
-def _to_host(shift: int, keys: torch.Tensor, counts: torch.Tensor, overlap: torch.Tensor | None) -> BinCounts:
-    return BinCounts(shift, torch_keys_to_numpy(keys, shift), counts.cpu().numpy().astype(np.int64),
-                     None if overlap is None else overlap.cpu().numpy().astype(np.int64))
-
-
 def reduce_torch(keys: torch.Tensor, positive: torch.Tensor, shift: int, region: torch.Tensor | None = None,
                  region_sizes: torch.Tensor | None = None) -> tuple[BinCounts, BinCounts]:
     """Device reduction (signed int64 keys of ``encode_torch``, shifted by ``shift``); only the compact
     result is copied to the host."""
-    normal = _to_host(shift, *torch.unique(keys[~positive], sorted=True, return_counts=True), None)
+    normal, anomalous = reduce_torch_bins(keys, positive, shift, region, region_sizes)
+    return normal.to_host(), anomalous.to_host()
+
+
+def reduce_torch_bins(keys: torch.Tensor, positive: torch.Tensor, shift: int,
+                      region: torch.Tensor | None = None, region_sizes: torch.Tensor | None = None
+                      ) -> tuple[DeviceBins, DeviceBins]:
+    """``reduce_torch``, its result left on the keys' device (for ``device_fold.DeviceFold``)."""
+    normal = DeviceBins(shift, *torch.unique(keys[~positive], sorted=True, return_counts=True))
     pos_keys = keys[positive]
     if region is None:
         pos_keys, pos_counts = torch.unique(pos_keys, sorted=True, return_counts=True)
-        return normal, _to_host(shift, pos_keys, pos_counts, torch.zeros_like(pos_counts))
+        return normal, DeviceBins(shift, pos_keys, pos_counts, torch.zeros_like(pos_counts))
     _check_region_sizes(region_sizes.cpu().numpy())
     unique_key, rank = torch.unique(pos_keys, sorted=True, return_inverse=True)
     composite, group_count = torch.unique((region.to(torch.int64) << 32) | rank, sorted=True,
@@ -100,4 +103,4 @@ def reduce_torch(keys: torch.Tensor, positive: torch.Tensor, shift: int, region:
     contribution = scaled - next_scaled
     pos_counts = torch.zeros_like(unique_key).index_add_(0, group_rank, group_count)
     overlap = torch.zeros_like(unique_key).index_add_(0, group_rank, contribution)
-    return normal, _to_host(shift, unique_key, pos_counts, overlap)
+    return normal, DeviceBins(shift, unique_key, pos_counts, overlap)
