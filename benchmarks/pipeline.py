@@ -332,6 +332,50 @@ def _pipeline(config, actors: int) -> tuple[float, float, float]:
     return overall, finished[0][0], steady
 
 
+def _actor_profile(config) -> dict[str, float]:
+    """Seconds per image of one scoring actor's work, in process and one shard after another (no Ray):
+    decoding (`prepare_shard`, a CPU task in the pipeline), scoring (`ScoringActor.score_shard`: forward,
+    matching, the batches' metric reduction) and the rest of the call (the shard's metric state, results
+    and commit), after a first shard that loads the models (not counted)."""
+    import json
+    from dataclasses import replace
+
+    from workflows.pipelines import evaluate
+    from workflows.pipelines.scoring import ScoringActor, prepare_shard
+
+    fresh = replace(config, output=f"{config.output}-actor-profile")
+    shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")
+    actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
+    real_score = actor.score_shard
+    scoring = []
+
+    def timed_score(*args, **kwargs):
+        start = time.perf_counter()
+        real_score(*args, **kwargs)
+        scoring.append(time.perf_counter() - start)
+
+    actor.score_shard = timed_score
+
+    def in_process(tasks, **_):
+        nonlocal images
+        for number, (job, shard) in enumerate(tasks):
+            item = {"job": job.to_json(), "shard": json.dumps(shard.to_dict())}
+            start = time.perf_counter()
+            row = prepare_shard(item)
+            prepared = time.perf_counter()
+            summary = actor(row)
+            done = time.perf_counter()
+            if number:  # the first shard loads the models
+                seconds.append((prepared - start, scoring[-1], done - prepared - scoring[-1]))
+                images += json.loads(summary["summary"])["images"]
+            yield summary
+
+    with _patched(evaluate, "run_scoring", in_process):
+        evaluate.run_evaluate(fresh, progress=False)
+    totals = [sum(part) / max(images, 1) for part in zip(*seconds, strict=True)]
+    return dict(zip(("decode", "score", "state and commit"), totals, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -344,6 +388,11 @@ def main() -> None:
                         help="evaluate pipeline runs with these actor counts (on a GPU: one actor per GPU)")
     parser.add_argument("--bare-images", type=int, default=None,
                         help="time the bare forward and in-memory rows on the first N test images (all)")
+    parser.add_argument("--gpu-calls", type=int, nargs="+", default=None,
+                        help="on cuda: evaluate runs with these shard calls at once per GPU actor "
+                             "(default: scoring.CALLS_PER_GPU_ACTOR)")
+    parser.add_argument("--actor-profile", action="store_true",
+                        help="also time one scoring actor in process (decode, score, state and commit)")
     parser.add_argument("--method-only", action="store_true",
                         help="in-memory method.score vs bare forward only (no Ray, no pipeline)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 4], help="--method-only: bank shots")
@@ -355,10 +404,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from workflows.config import load_config
+    from workflows.pipelines import scoring
     from workflows.pipelines.index import run_index
     from workflows.pipelines.ray_runtime import init_ray, resolve_device
 
     device = resolve_device(args.device)  # on a GPU: full float32, as the pipelines compute
+    args.gpu_calls = args.gpu_calls or [scoring.CALLS_PER_GPU_ACTOR]
     if args.method_only:
         _method_only(args, device)
         return
@@ -385,11 +436,20 @@ def main() -> None:
                                        with_method=True, limit=args.bare_images)
         print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
         print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
+        if args.actor_profile:
+            parts = _actor_profile(config)
+            actor = parts["score"] + parts["state and commit"]
+            print("one actor in process, per image: " + ", ".join(f"{name} {1000 * value:.3f} ms"
+                                                                  for name, value in parts.items())
+                  + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)")
         for actors in args.actors:
-            rate, first, steady = _pipeline(config, actors)
-            print(f"evaluate pipeline, {actors} actor(s), {args.images} images: {rate:8.1f} images/s "
-                  f"({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
-                  f"steady {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
+            for calls in (args.gpu_calls if device.startswith("cuda") else [1]):
+                with _patched(scoring, "CALLS_PER_GPU_ACTOR", calls):
+                    rate, first, steady = _pipeline(config, actors)
+                label = f", {calls} call(s) at once" if device.startswith("cuda") else ""
+                print(f"evaluate pipeline, {actors} actor(s){label}, {args.images} images: {rate:8.1f} "
+                      f"images/s ({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
+                      f"steady {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
         load = os.getloadavg()
         print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:

@@ -57,7 +57,7 @@ class SerialWorker:
 
 
 def _no_grad(fn: Callable, *args):
-    """`fn(*args)` without autograd: grad mode is per thread, the actor turned it off in its own."""
+    """`fn(*args)` without autograd (grad mode is per thread)."""
     import torch
 
     with torch.no_grad():

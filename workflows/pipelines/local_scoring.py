@@ -36,12 +36,8 @@ class LocalScorer:
     """One configured method on this process's device; models and banks cached like an actor's."""
 
     def __init__(self, job: ScoringJob, *, batch_size: int = 8) -> None:
-        import torch
-
         self.job = job
-        grad = torch.is_grad_enabled()
-        self.actor = ScoringActor(batch_size=batch_size)
-        torch.set_grad_enabled(grad)  # the actor turns gradients off process-wide; here: only in score
+        self.actor = ScoringActor(batch_size=batch_size)  # scores without gradients, leaves grad mode alone
 
     @property
     def device(self) -> str:

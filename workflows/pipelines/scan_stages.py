@@ -20,7 +20,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from workflows.pipelines.background import SerialWorker
 from workflows.pipelines.prepared import PreparedShard, image_input, stack_images
 from workflows.pipelines.raw_images import (
     DEFAULT_MAX_BYTES,
@@ -147,10 +146,7 @@ class ScanActor(ScoringActor):
                     maps.append({"image_id": row["image_id"], "source": row["source"],
                                  "heatmap_png": heatmap_png(anomaly_maps[i]), "overlay": path})
 
-        with SerialWorker(name="scan-reduce") as reducer:  # batch i reduced while batch i + 1 is scored
-            for start, stop, out in self.scored_batches(job, shard, prepared.images):
-                reducer.submit(reduce_batch, start, stop, out)
-            reducer.join()  # every batch reduced (a failure raised here) before the commit
+        self.score_shard(job, shard, prepared.images, reduce_batch)
         tables = {
             "results": _results(shard, kept, scores, branches, regions, flags, threshold),
             "skipped": _skipped(shard, skipped),

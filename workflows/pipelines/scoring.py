@@ -8,13 +8,16 @@ Ray Data runs two stages over a list of (job, shard) tasks:
    per-category banks, scores in batches of `batch_size`, reduces anomaly maps into a
    `GroupedAccumulator` per shard (the normals and each defect type apart, `metric_groups`), commits
    the shard's outputs, and returns a small summary. Each batch's reduction runs on one background
-   thread (`background.SerialWorker`, in order, bounded) while the next batch is scored.
+   thread (`background.SerialWorker`, in order, bounded) while the next batch is scored. On a GPU
+   actor the maps are reduced and folded on the device (`residual_core.metrics.device_fold`), and the
+   actor runs two shard calls at once: one shard commits while the next is scored.
 Nothing per-pixel reaches the driver. `evaluate` uses it; so can `scan`.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -29,6 +32,7 @@ from workflows.pipelines.prepared import PreparedShard, image_input, model_input
 from workflows.pipelines.shards import Shard, read_shard
 
 REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
+CALLS_PER_GPU_ACTOR = 2  # shard calls a GPU actor runs at once: one scoring, one committing
 
 
 @dataclass
@@ -123,7 +127,8 @@ class ScoringActor:
     def __init__(self, batch_size: int = 8, max_cached: int = 2, num_cpus: float | None = None) -> None:
         import torch
 
-        torch.set_grad_enabled(False)
+        self._scoring = threading.Lock()  # one shard scored at a time; another may commit meanwhile
+        self._caching = threading.RLock()  # the caches below, read and filled by concurrent calls
         if num_cpus is not None:
             from workflows.pipelines.ray_runtime import torch_threads
 
@@ -149,13 +154,14 @@ class ScoringActor:
 
     def _method(self, job: ScoringJob):
         key = json.dumps([job.backbone, job.method, job.device], sort_keys=True)
-        if key in self._methods:
-            self._methods.move_to_end(key)
-            return self._methods[key]
-        from workflows.pipelines.models import load_method
+        with self._caching:
+            if key in self._methods:
+                self._methods.move_to_end(key)
+                return self._methods[key]
+            from workflows.pipelines.models import load_method
 
-        method = load_method(job.backbone, job.method, self._device(job), self._backbones)
-        return self._remember(self._methods, key, method, self.max_cached)
+            method = load_method(job.backbone, job.method, self._device(job), self._backbones)
+            return self._remember(self._methods, key, method, self.max_cached)
 
     def _bank(self, job: ScoringJob, shard: Shard, device: str):
         name = f"{shard.dataset}/{shard.category}"
@@ -165,12 +171,13 @@ class ScoringActor:
 
     def bank_at(self, url: str, device: str):
         """The committed bank at `url` on `device` (cached)."""
-        if url in self._banks:
-            self._banks.move_to_end(url)
-            return self._banks[url]
-        from workflows.pipelines.models import load_bank_url
+        with self._caching:
+            if url in self._banks:
+                self._banks.move_to_end(url)
+                return self._banks[url]
+            from workflows.pipelines.models import load_bank_url
 
-        return self._remember(self._banks, url, load_bank_url(url, device), 4 * self.max_cached)
+            return self._remember(self._banks, url, load_bank_url(url, device), 4 * self.max_cached)
 
     def scored_batches(self, job: ScoringJob, shard, images: np.ndarray, *, raw: bool = False) -> Iterator:
         """The one batch loop of evaluate and scan: `(start, stop, output)` per batch of `batch_size`
@@ -184,11 +191,26 @@ class ScoringActor:
     def batches_against(self, job: ScoringJob, bank, images: np.ndarray, *, raw: bool = False) -> Iterator:
         """`scored_batches` against a given (already loaded or just built) bank: the same loop, for
         local scoring on the driver (`local_scoring`) as well as the actors."""
+        import torch
+
         method = self._method(job)
         score = method.score_raw if raw else method.score
         for start in range(0, len(images), self.batch_size):
             stop = min(start + self.batch_size, len(images))
-            yield start, stop, score(model_input(images[start:stop], job.mean, job.std, method.device), bank)
+            with torch.no_grad():  # grad mode is per thread: set here, whichever thread calls
+                out = score(model_input(images[start:stop], job.mean, job.std, method.device), bank)
+            yield start, stop, out
+
+    def score_shard(self, job: ScoringJob, shard, images: np.ndarray, reduce_batch, *,
+                    raw: bool = False) -> None:
+        """The actors' shard loop: every batch of `scored_batches` handed to `reduce_batch(start, stop,
+        output)` on one background thread (in order; batch i reduced while batch i + 1 is scored), all
+        reduced when this returns. One shard at a time is scored: on an actor that runs two calls at once
+        (`CALLS_PER_GPU_ACTOR`), one shard's commit overlaps the next one's scoring."""
+        with self._scoring, SerialWorker() as reducer:
+            for start, stop, out in self.scored_batches(job, shard, images, raw=raw):
+                reducer.submit(reduce_batch, start, stop, out)
+            reducer.join()  # every batch reduced (a failure raised here) before the commit
 
     def __call__(self, task: dict) -> dict:
         job = ScoringJob.from_json(task["job"])
@@ -198,14 +220,14 @@ class ScoringActor:
         normaliser = self._method(job).set_normaliser()  # known even for a shard with nothing to score
         outputs = ShardOutputs(job, kept)
         raw_parts: dict[str, list[np.ndarray]] = {}
-        batches = self.scored_batches(job, shard, prepared.images, raw=normaliser is not None)
-        with SerialWorker() as reducer:  # batch i reduced while batch i + 1 is scored
-            for start, stop, out in batches:
-                if normaliser is None:
-                    reducer.submit(outputs.add, start, out, prepared.masks[start:stop])
-                else:  # finished per category by the reduce step
-                    reducer.submit(_keep_raw, raw_parts, out)
-            reducer.join()  # every batch reduced (a failure raised here) before the commit
+
+        def reduce_batch(start: int, stop: int, out) -> None:
+            if normaliser is None:
+                outputs.add(start, out, prepared.masks[start:stop])
+            else:  # finished per category by the reduce step
+                _keep_raw(raw_parts, out)
+
+        self.score_shard(job, shard, prepared.images, reduce_batch, raw=normaliser is not None)
         summary = {"images": len(kept), "skipped": len(skipped),
                    "skip_reasons": [s["skip_reason"] for s in skipped][:20]}
         raw = None
@@ -333,6 +355,7 @@ def run_scoring(
     prepare_fn=None,
     actor_cls=None,
     prepare_memory: int | None = None,
+    calls_per_actor: int | None = None,
 ) -> Iterator[dict]:
     """Run the two-stage Ray Data pipeline over `tasks`; yields one small summary per shard.
 
@@ -340,7 +363,8 @@ def run_scoring(
     pipeline with its own row source and outputs; its shards need `to_dict()` like `Shard`.
     `prepare_memory`: bytes of Ray's `memory` resource each prepare (decode) task reserves, so a node
     runs only as many decodes at once as its memory holds (None: no reservation). `actor_num_cpus`:
-    each actor's CPU share (`ray_runtime.actor_cpus`), also its torch threads."""
+    each actor's CPU share (`ray_runtime.actor_cpus`), also its torch threads. `calls_per_actor`: shard
+    calls each actor runs at once (None: `calls_at_once`)."""
     import ray
 
     if not tasks:
@@ -357,12 +381,26 @@ def run_scoring(
         scored = prepared.map(
             actor_cls or ScoringActor,
             fn_constructor_kwargs={"batch_size": batch_size, "num_cpus": actor_num_cpus},
-            compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
+            compute=actor_pool(num_actors, calls_per_actor or calls_at_once(num_gpus_per_actor)),
             **actor_resources(num_gpus_per_actor, actor_num_cpus),
             max_restarts=max_retries,
             max_task_retries=max_retries,
         )
     yield from scored.iter_rows()
+
+
+def calls_at_once(num_gpus: float) -> int:
+    """Shard calls an actor runs at once: a GPU actor `CALLS_PER_GPU_ACTOR` (one scores while the other
+    commits: `ScoringActor.score_shard`), a CPU actor one (its threads are its CPUs)."""
+    return CALLS_PER_GPU_ACTOR if num_gpus else 1
+
+
+def actor_pool(num_actors: int, calls: int):
+    """A fixed pool of `num_actors` scoring actors, each running `calls` shard calls at once."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=max(1, int(num_actors)), max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
 
 
 def actor_resources(num_gpus: float, num_cpus: float) -> dict:

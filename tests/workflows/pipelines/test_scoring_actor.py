@@ -173,6 +173,7 @@ def test_an_actor_takes_its_torch_threads_from_its_cpu_share(num_cpus, threads):
     try:
         ScoringActor(num_cpus=num_cpus)
         assert torch.get_num_threads() == threads
+        assert torch.is_grad_enabled()  # scoring turns gradients off where it scores, not process-wide
         torch.set_num_threads(3)
         ScoringActor()  # in-process use (local scoring): threads left alone
         assert torch.get_num_threads() == 3
@@ -205,3 +206,97 @@ def test_run_scoring_hands_each_actor_its_cpu_share(local_ray, tiny):
                             num_gpus_per_actor=0, actor_num_cpus=1.5, prepare_fn=lambda task: task,
                             actor_cls=_ThreadsActor))
     assert len(rows) == len(shards_of(tiny)) and {r["threads"] for r in rows} == {1}
+
+
+def test_two_calls_at_once_commit_what_one_at_a_time_commits(tiny, monkeypatch):
+    """A GPU actor runs two shard calls at once (`CALLS_PER_GPU_ACTOR`): one scores while the other
+    commits. The first call's commit waits until the second is scoring (so commits are outside the
+    scoring lock), never two shards score at once, and the outputs equal one-at-a-time calls'."""
+    serial, both = make_job(tiny, BASELINE, "one-at-a-time"), make_job(tiny, BASELINE, "two-at-once")
+    first, second = shards_of(tiny)[:2]
+    actor = ScoringActor(batch_size=BATCH)
+    for shard in (first, second):
+        actor(prepare_shard(task(serial, shard)))
+
+    concurrent = ScoringActor(batch_size=BATCH)
+    scoring, most, second_scoring = [], [], threading.Event()
+    real_batches, real_commit = concurrent.scored_batches, ShardStore.commit
+
+    def scored_batches(job, shard, *args, **kwargs):  # runs under the scoring lock
+        scoring.append(shard.shard_id)
+        most.append(len(scoring))
+        if shard.shard_id == second.shard_id:
+            second_scoring.set()
+        try:
+            yield from real_batches(job, shard, *args, **kwargs)
+        finally:
+            scoring.remove(shard.shard_id)
+
+    def commit(store, shard, *args, **kwargs):
+        if shard.shard_id == first.shard_id:
+            assert second_scoring.wait(timeout=120), "the second shard never scored during the first's commit"
+        return real_commit(store, shard, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent, "scored_batches", scored_batches)
+    monkeypatch.setattr(ShardStore, "commit", commit)
+    rows, errors = [prepare_shard(task(both, shard)) for shard in (first, second)], []
+    calls = [threading.Thread(target=_run, args=(concurrent, row, errors)) for row in rows]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join(timeout=300)
+    monkeypatch.undo()
+    assert not errors and not any(call.is_alive() for call in calls)
+    assert most == [1, 1]  # one shard scored at a time
+    left, right = ShardStore(serial.job_url), ShardStore(both.job_url)
+    assert left.read_results().sort_by("image_id").equals(right.read_results().sort_by("image_id"))
+    for shard in (first, second):
+        assert _metrics(left.state(shard.shard_id)) == _metrics(right.state(shard.shard_id))
+
+
+def _run(actor, row, errors: list) -> None:
+    try:
+        actor(row)
+    except Exception as exc:  # noqa: BLE001 - reported by the test's assertion
+        errors.append(exc)
+
+
+@pytest.mark.parametrize(("gpus", "calls"), [(0, 1), (1, 2), (0.5, 2)])
+def test_gpu_actors_run_two_shard_calls_at_once(gpus, calls):
+    from workflows.pipelines.scoring import actor_pool, calls_at_once
+
+    assert calls_at_once(gpus) == calls
+    pool = actor_pool(2, calls)
+    assert (pool.min_size, pool.max_size) == (2, 2)
+    assert pool.max_concurrent_calls_per_actor == calls and pool.enable_true_multi_threading == (calls > 1)
+
+
+class _MeetingActor(ScoringActor):
+    """Each call waits (bounded) until another call is running in the same actor at the same time."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.running = threading.Semaphore(0)
+        self.lock, self.count = threading.Lock(), 0
+
+    def __call__(self, task: dict) -> dict:
+        with self.lock:
+            self.count += 1
+            if self.count % 2 == 0:  # the second of a pair: release the first and itself
+                self.running.release()
+                self.running.release()
+        met = self.running.acquire(timeout=60)
+        return {"shard": task["shard"], "met": met}
+
+
+def test_run_scoring_runs_two_calls_at_once_in_one_actor(local_ray, tiny):
+    """Through Ray Data: one actor running two shard calls at once (as a GPU actor does) has two calls in
+    flight together: each call of a pair meets the other (a one-call actor would time out waiting)."""
+    from workflows.pipelines.scoring import run_scoring
+
+    job = ScoringJob(job_id="pairs", job_url="", backbone={}, method=BASELINE, banks={})
+    shards = shards_of(tiny)[:2]
+    rows = list(run_scoring([(job, s) for s in shards], batch_size=BATCH, num_actors=1, num_gpus_per_actor=0,
+                            actor_num_cpus=1.0, prepare_fn=lambda task: task, actor_cls=_MeetingActor,
+                            calls_per_actor=2))
+    assert len(rows) == 2 and all(row["met"] for row in rows)
