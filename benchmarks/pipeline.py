@@ -298,7 +298,7 @@ def _patched(owner, name: str, value):
         setattr(owner, name, original)
 
 
-def _pipeline(config, actors: int) -> tuple[float, float, float]:
+def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]:
     """The evaluate pipeline (fresh output, banks prebuilt): (images/s overall, actor start-up included;
     seconds until the first shard was scored and committed; images/s once every actor has delivered a
     shard, to the last shard: the steady state that a long run approaches)."""
@@ -308,7 +308,7 @@ def _pipeline(config, actors: int) -> tuple[float, float, float]:
     from workflows.pipelines import evaluate
 
     fresh = replace(config, evaluate=replace(config.evaluate, num_actors=actors),
-                    output=f"{config.output}-{actors}-actors")
+                    output=f"{config.output}-{actors}-actors-{calls}-calls")
     shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")  # banks: not timed
     config = fresh
     finished = []  # (seconds since start, images) per shard, as the pipeline yields them
@@ -445,7 +445,7 @@ def main() -> None:
         for actors in args.actors:
             for calls in (args.gpu_calls if device.startswith("cuda") else [1]):
                 with _patched(scoring, "CALLS_PER_GPU_ACTOR", calls):
-                    rate, first, steady = _pipeline(config, actors)
+                    rate, first, steady = _pipeline(config, actors, calls)
                 label = f", {calls} call(s) at once" if device.startswith("cuda") else ""
                 print(f"evaluate pipeline, {actors} actor(s){label}, {args.images} images: {rate:8.1f} "
                       f"images/s ({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
