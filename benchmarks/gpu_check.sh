@@ -4,8 +4,9 @@
 #   2. `pytest -m gpu` over the test files that hold GPU tests (FAISS GPU vs CPU search, the blocked exact
 #      search, uint8 normalisation and metric accumulation on cuda, evaluate with GPU actors vs CPU);
 #   3. the pipeline benchmark on cuda: bare forward vs in-memory method.score vs one actor's work in
-#      process vs `evaluate` with one actor per GPU running one and two shard calls at once, batch 32,
-#      4,096 images (PIPELINE_IMAGES) (the target: evaluate keeps >= 85% of the bare GPU forward);
+#      process vs `evaluate` with one actor per GPU running one and two shard calls at once, shards of
+#      128 and 512, batch 32, 4,096 images (PIPELINE_IMAGES; PIPELINE_ARGS replaces the shard, calls and
+#      profile arguments) (the target: evaluate keeps >= 85% of the bare GPU forward);
 #   4. the matching benchmark's exact table with the blocked torch search on cuda and FAISS-GPU flat;
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # Each step has its own time limit; a failing step is reported and the next one still runs. Output:
@@ -80,8 +81,10 @@ if wants pytest_gpu; then
 fi
 
 if wants pipeline; then
+    # shellcheck disable=SC2086
     step pipeline 240 "$PY" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
-        --batch-size 32 --image-size 224 --shard-size 128 --actors 1 --gpu-calls 1 2 --actor-profile
+        --batch-size 32 --image-size 224 --actors 1 \
+        ${PIPELINE_ARGS:---shard-size 128 512 --gpu-calls 1 2 --actor-profile}
     grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline.log" | tee -a "$SUMMARY"
 fi
 

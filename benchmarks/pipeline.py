@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -184,7 +185,6 @@ def _components(method, name: str, device: str) -> _ComponentTimer:
 
 def _method_only(args, device: str) -> None:
     """In-memory method.score vs bare forward (1 thread), per shot count; component times per batch."""
-    from dataclasses import replace
 
     import torch
 
@@ -303,12 +303,11 @@ def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]
     seconds until the first shard was scored and committed; images/s once every actor has delivered a
     shard, to the last shard: the steady state that a long run approaches)."""
     import json
-    from dataclasses import replace
 
     from workflows.pipelines import evaluate
 
     fresh = replace(config, evaluate=replace(config.evaluate, num_actors=actors),
-                    output=f"{config.output}-{actors}-actors-{calls}-calls")
+                    output=f"{config.output}-{actors}-actors-{calls}-calls-{config.evaluate.shard_size}")
     shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")  # banks: not timed
     config = fresh
     finished = []  # (seconds since start, images) per shard, as the pipeline yields them
@@ -338,7 +337,6 @@ def _actor_profile(config) -> dict[str, float]:
     matching, the batches' metric reduction) and the rest of the call (the shard's metric state, results
     and commit), after a first shard that loads the models (not counted)."""
     import json
-    from dataclasses import replace
 
     from workflows.pipelines import evaluate
     from workflows.pipelines.scoring import ScoringActor, prepare_shard
@@ -381,7 +379,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, nargs="+", default=[64],
+                        help="images per shard; several: one evaluate run per size (the first for the rest)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2],
@@ -419,7 +418,7 @@ def main() -> None:
         config = load_config(None, [
             f"data.url={data}", f"output={root}/runs", "backbone.spec=effnet-lite0",
             f"backbone.image_size={args.image_size}", "index.shots=[1]", "index.seeds=[0]",
-            f"evaluate.batch_size={args.batch_size}", f"evaluate.shard_size={args.shard_size}",
+            f"evaluate.batch_size={args.batch_size}", f"evaluate.shard_size={args.shard_size[0]}",
             f"device={device}", "tracking.enabled=false",
         ])
         init_ray(num_cpus=args.cpus)
@@ -427,7 +426,7 @@ def main() -> None:
         bare, count = _bare_forward(config, args.batch_size, device, repeats=3, limit=args.bare_images)
         load = os.getloadavg()
         print(f"device={device} bare/in-memory images={count} batch={args.batch_size} "
-              f"size={args.image_size}px shard={args.shard_size} cpus={args.cpus or os.cpu_count()} "
+              f"size={args.image_size}px shard={args.shard_size[0]} cpus={args.cpus or os.cpu_count()} "
               f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
         print(f"bare backbone forward      : {bare:8.1f} images/s")
         one_thread, _ = _bare_forward(config, args.batch_size, device, repeats=3, threads=1,
@@ -442,14 +441,17 @@ def main() -> None:
             print("one actor in process, per image: " + ", ".join(f"{name} {1000 * value:.3f} ms"
                                                                   for name, value in parts.items())
                   + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)")
-        for actors in args.actors:
-            for calls in (args.gpu_calls if device.startswith("cuda") else [1]):
-                with _patched(scoring, "CALLS_PER_GPU_ACTOR", calls):
-                    rate, first, steady = _pipeline(config, actors, calls)
-                label = f", {calls} call(s) at once" if device.startswith("cuda") else ""
-                print(f"evaluate pipeline, {actors} actor(s){label}, {args.images} images: {rate:8.1f} "
-                      f"images/s ({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
-                      f"steady {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
+        runs = [(actors, calls, size) for size in args.shard_size for actors in args.actors
+                for calls in (args.gpu_calls if device.startswith("cuda") else [1])]
+        for actors, calls, size in runs:
+            sized = replace(config, evaluate=replace(config.evaluate, shard_size=size))
+            with _patched(scoring, "CALLS_PER_GPU_ACTOR", calls):
+                rate, first, steady = _pipeline(sized, actors, calls)
+            label = f", {calls} call(s) at once" if device.startswith("cuda") else ""
+            label += f", shards of {size}" if len(args.shard_size) > 1 else ""
+            print(f"evaluate pipeline, {actors} actor(s){label}, {args.images} images: {rate:8.1f} "
+                  f"images/s ({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
+                  f"steady {steady:.1f} images/s ({100 * steady / bare:5.1f}% of bare)")
         load = os.getloadavg()
         print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:

@@ -51,3 +51,56 @@ def test_evaluate_with_gpu_actors_matches_cpu(tmp_path):
     cpu_scores = torch.tensor([r["image_score"] or 0.0 for r in cpu_rows])
     torch.testing.assert_close(gpu_scores, cpu_scores, atol=1e-3, rtol=1e-3)
     assert_same_metrics(on_gpu.per_category, on_cpu.per_category)
+
+
+def _texture_archive(root, per_category: int) -> None:
+    """PNG crops of two random textures (no sample photos needed), every fifth with a pasted square,
+    in <category>/ folders; four references per category beside them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for number, category in enumerate(("weave", "speckle")):
+        texture = (rng.random((256, 256, 3)) * (60 + 60 * number) + 80).astype(np.uint8)
+        for folder, count in (("archive", per_category), ("references", 4)):
+            for i in range(count):
+                top, left = rng.integers(0, 256 - 64, size=2)
+                crop = texture[top:top + 64, left:left + 64].copy()
+                if folder == "archive" and i % 5 == 4:
+                    crop[20:40, 20:40] = (255, 0, 255)
+                path = root / folder / category / f"img-{i:04d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                buffer = io.BytesIO()
+                Image.fromarray(crop).save(buffer, format="PNG")
+                path.write_bytes(buffer.getvalue())
+
+
+def test_scan_with_gpu_actors_matches_cpu(tmp_path):
+    """`scan` with GPU actors (two shard calls at once each) scores and flags as on the CPU."""
+    ray = pytest.importorskip("ray")
+    from workflows.config import load_config
+    from workflows.pipelines.scan import ScanOptions, run_scan
+    from workflows.pipelines.scan_outputs import ScanStore
+
+    _texture_archive(tmp_path, per_category=150)
+    rows = {}
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        runs = (("gpu", ["device=auto"]), ("cpu", ["device=cpu", "evaluate.num_gpus_per_actor=0"]))
+        for name, device in runs:
+            overrides = ["backbone.image_size=64", "tracking.enabled=false", "evaluate.batch_size=32",
+                         *device]
+            options = ScanOptions(input=str(tmp_path / "archive"), output=str(tmp_path / f"out-{name}"),
+                                  references=str(tmp_path / "references"), threshold=1e9, shard_size=64)
+            summary = run_scan(load_config(None, overrides), options, progress=False)
+            assert summary["seen"] == 300
+            rows[name] = sorted(ScanStore(options.output).read_table("results").to_pylist(),
+                                key=lambda row: row["source"])
+    finally:
+        ray.shutdown()
+    assert [r["source"] for r in rows["gpu"]] == [r["source"] for r in rows["cpu"]]
+    gpu_scores = torch.tensor([r["score"] for r in rows["gpu"]])
+    cpu_scores = torch.tensor([r["score"] for r in rows["cpu"]])
+    torch.testing.assert_close(gpu_scores, cpu_scores, atol=1e-3, rtol=1e-3)
