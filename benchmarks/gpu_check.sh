@@ -49,7 +49,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
     say "== $name: $status, $(( $(date +%s) - start )) s (log: $OUT/$name.log)"
 }
 
-say "gpu_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# COMMIT: the commit sent, where the machine's copy of .git is not the tree's (a lent machine's may be stale)
+say "gpu_check $(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
 say "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 if ! command -v nvidia-smi > /dev/null; then
     say "no nvidia-smi: not a CUDA machine"
