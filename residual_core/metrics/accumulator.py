@@ -196,18 +196,18 @@ class MetricAccumulator:
             self._device_pixels.add(*reduce_torch_bins(
                 keys, torch.from_numpy(binary.reshape(-1)).to(device), shift,
                 torch.from_numpy(region).to(device), torch.from_numpy(region_sizes)))
-            return len(region_sizes) - 1, empty
-        shift = self.pixel_hist.shift
-        maps = as_float_array(maps, "anomaly_maps")
-        keys = shift_keys(encode_numpy(maps if everything else maps[index], "anomaly_maps"), shift)
-        positive = binary.reshape(-1)
-        part = (None, reduce_anomalous(keys[positive], shift, region, region_sizes))
-        zero_bits = FLOAT32_ZERO_BITS if maps.dtype.kind == "f" and maps.dtype.itemsize <= 4 else 0
-        normal_keys = keys[~positive]
-        del keys
-        self.pixel_hist.add_normal_keys(normal_keys, shift, zero_bits, fold=False)
-        del normal_keys  # the batch's keys are freed before ``add`` folds (and maybe collapses)
-        self.pixel_hist.add(*part)
+        else:
+            shift = self.pixel_hist.shift
+            maps = as_float_array(maps, "anomaly_maps")
+            keys = shift_keys(encode_numpy(maps if everything else maps[index], "anomaly_maps"), shift)
+            positive = binary.reshape(-1)
+            part = (None, reduce_anomalous(keys[positive], shift, region, region_sizes))
+            zero_bits = FLOAT32_ZERO_BITS if maps.dtype.kind == "f" and maps.dtype.itemsize <= 4 else 0
+            normal_keys = keys[~positive]
+            del keys
+            self.pixel_hist.add_normal_keys(normal_keys, shift, zero_bits, fold=False)
+            del normal_keys  # the batch's keys are freed before ``add`` folds (and maybe collapses)
+            self.pixel_hist.add(*part)
         return len(region_sizes) - 1, empty
 
     # -- merging and state --------------------------------------------------------------------------
