@@ -298,6 +298,14 @@ def _patched(owner, name: str, value):
         setattr(owner, name, original)
 
 
+def _fresh_output(config, name: str):
+    """`config` writing to its own output folder `<output>-<name>`, with the banks already built there
+    (copied: building them is not timed)."""
+    fresh = replace(config, output=f"{config.output}-{name}")
+    shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")
+    return fresh
+
+
 def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]:
     """The evaluate pipeline (fresh output, banks prebuilt): (images/s overall, actor start-up included;
     seconds until the first shard was scored and committed; images/s once every actor has delivered a
@@ -306,10 +314,8 @@ def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]
 
     from workflows.pipelines import evaluate
 
-    fresh = replace(config, evaluate=replace(config.evaluate, num_actors=actors),
-                    output=f"{config.output}-{actors}-actors-{calls}-calls-{config.evaluate.shard_size}")
-    shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")  # banks: not timed
-    config = fresh
+    config = _fresh_output(replace(config, evaluate=replace(config.evaluate, num_actors=actors)),
+                           f"{actors}-actors-{calls}-calls-{config.evaluate.shard_size}")
     finished = []  # (seconds since start, images) per shard, as the pipeline yields them
     run_scoring = evaluate.run_scoring
 
@@ -341,8 +347,7 @@ def _actor_profile(config) -> dict[str, float]:
     from workflows.pipelines import evaluate
     from workflows.pipelines.scoring import ScoringActor, prepare_shard
 
-    fresh = replace(config, output=f"{config.output}-actor-profile")
-    shutil.copytree(f"{config.output}/indexes", f"{fresh.output}/indexes")
+    fresh = _fresh_output(config, "actor-profile")
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
     real_score = actor.score_shard
     scoring = []
