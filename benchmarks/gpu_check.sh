@@ -31,6 +31,7 @@ SITE=/tmp/gpu-check-site
 SUMMARY="$OUT/summary.txt"
 STEPS=${STEPS:-"pytest_gpu pipeline matching method_only"}  # a subset reruns only those steps
 METHODS=${METHODS:-"baseline res2clip resadpp"}  # the method_only step's methods
+# METHOD_ARGS: more method_only arguments (e.g. --op-profile: the busiest CUDA operators of one batch)
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 : > "$SUMMARY"
 
@@ -98,8 +99,8 @@ fi
 if wants method_only; then
     # shellcheck disable=SC2086
     step method_only 75 "$PY" benchmarks/pipeline.py --device cuda --method-only --batch-size 32 --shots 1 4 \
-        --methods $METHODS
-    grep -E "^\[|^\| (bare|baseline|res2clip|resadpp)" "$OUT/method_only.log" | tee -a "$SUMMARY"
+        --methods $METHODS ${METHOD_ARGS:-}
+    grep -E "^\[[a-z0-9]+ k=|^\| (bare|baseline|res2clip|resadpp)" "$OUT/method_only.log" | tee -a "$SUMMARY"
 fi
 
 say "done: $(date -u +%FT%TZ)"

@@ -253,6 +253,8 @@ def _method_only(args, device: str) -> None:
                                  {k: v / batches for k, v in timer.seconds.items()}))
                 print(f"[{name} k={shots} {variant}] {rate:.2f} images/s ({100 * rate / bare:.0f}% of bare)",
                       flush=True)
+            if args.op_profile:
+                _op_profile(method, bank, images[:args.batch_size], f"{name} k={shots}")
     load = os.getloadavg()
     print(f"\nload average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print("\n| method | k | matching | method.score images/s | share of bare forward |")
@@ -266,6 +268,30 @@ def _method_only(args, device: str) -> None:
         shares = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in parts.items())
         print(f"- {name} k={shots} {variant}: total {total:.3f} s: {shares}, other {other:.3f} s "
               f"({100 * other / total:.0f}%)")
+
+
+OP_PROFILE_ROWS = 15
+
+
+def _op_profile(method, bank, batch, label: str) -> None:
+    """torch.profiler over one `method.score` batch (after a warm-up one): the operators that take the
+    most time on the batch's device (self time), with their call counts: where a GPU batch's time goes
+    (launch-bound runs show many calls of cheap kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = batch.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.no_grad():
+        method.score(batch, bank)
+        with profile(activities=activities) as prof:
+            method.score(batch, bank)
+            if on_gpu:
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(f"\n[op profile {label}, one batch of {len(batch)}]")
+    table = prof.key_averages().table(sort_by=key, row_limit=OP_PROFILE_ROWS, max_name_column_width=48)
+    print(table, flush=True)
 
 
 RANDOM_OPENCLIP = "openclip-random:"  # e.g. openclip-random:ViT-B-16: random weights, no download
@@ -337,7 +363,17 @@ def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]
     return overall, finished[0][0], steady
 
 
-def _actor_profile(config) -> dict[str, float]:
+@contextlib.contextmanager
+def _one_stream():
+    """The actor as before its side streams: every kernel on the scoring thread's stream."""
+    from workflows.pipelines import background, scoring
+
+    with _patched(background, "side_stream", lambda device: None), \
+            _patched(scoring, "side_stream", lambda device: None):
+        yield
+
+
+def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
     """Seconds per image of one scoring actor's work, in process and one shard after another (no Ray):
     decoding (`prepare_shard`, a CPU task in the pipeline), scoring (`ScoringActor.score_shard`: forward,
     matching, the batches' metric reduction) and the rest of the call (the shard's metric state, results
@@ -347,7 +383,7 @@ def _actor_profile(config) -> dict[str, float]:
     from workflows.pipelines import evaluate
     from workflows.pipelines.scoring import ScoringActor, prepare_shard
 
-    fresh = _fresh_output(config, "actor-profile")
+    fresh = _fresh_output(config, name)
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
     real_score = actor.score_shard
     scoring = []
@@ -403,6 +439,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["baseline"], help="--method-only: methods")
     parser.add_argument("--method-batches", type=int, default=1, help="--method-only: batches timed")
     parser.add_argument("--repeats", type=int, default=3, help="--method-only: best of")
+    parser.add_argument("--op-profile", action="store_true",
+                        help="--method-only: torch.profiler's busiest operators, one batch per method and k")
     parser.add_argument("--backbone", default="effnet-lite0",
                         help="--method-only: backbone spec, or openclip-random:<arch> (random weights)")
     args = parser.parse_args()
@@ -441,11 +479,18 @@ def main() -> None:
         print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
         print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
         if args.actor_profile:
-            parts = _actor_profile(config)
-            actor = parts["score"] + parts["state and commit"]
-            print("one actor in process, per image: " + ", ".join(f"{name} {1000 * value:.3f} ms"
-                                                                  for name, value in parts.items())
-                  + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)")
+            # on a GPU also as before the side streams: reductions and commits on the scoring stream
+            variants = [("", contextlib.nullcontext)]
+            if device.startswith("cuda"):
+                variants.append((" (one CUDA stream, as before)", _one_stream))
+            for number, (label, context) in enumerate(variants):
+                with context():
+                    parts = _actor_profile(config, f"actor-profile-{number}")
+                actor = parts["score"] + parts["state and commit"]
+                print(f"one actor in process{label}, per image: "
+                      + ", ".join(f"{name} {1000 * value:.3f} ms" for name, value in parts.items())
+                      + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)",
+                      flush=True)
         runs = [(actors, calls, size) for size in args.shard_size for actors in args.actors
                 for calls in (args.gpu_calls if device.startswith("cuda") else [1])]
         for actors, calls, size in runs:

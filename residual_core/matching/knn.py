@@ -28,11 +28,15 @@ penalised scores, float64 and callers that need first-index ties.
 
 Block sizes (`block_shape`, torch kernel): one score block holds at most `block_bytes` (CPU:
 `CPU_BLOCK_BYTES` = 2 MiB, a core's L2 cache on current server CPUs, so the reductions re-read the
-GEMM's output from cache; GPUs: `ACCELERATOR_BLOCK_BYTES` = 64 MiB, where the number of kernel launches,
-not cache, limits speed). The reference side takes up to `MAX_REFERENCE_BLOCK` columns (a whole few-shot
-bank at low dimension, so the running merge is often skipped), split into equal blocks of whole chunks
-(so the zero-padded last block wastes less than a chunk per block), the query side the rest of the
-budget (at least one row).
+GEMM's output from cache; GPUs: `ACCELERATOR_BLOCK_BYTES` = 256 MiB, where the number of kernel
+launches, not cache, limits speed). On a CPU the reference side takes up to `MAX_REFERENCE_BLOCK`
+columns (a whole few-shot bank at low dimension, so the running merge is often skipped), split into
+equal blocks of whole chunks (so the zero-padded last block wastes less than a chunk per block), the
+query side the rest of the budget (at least one row). On a GPU a block spans up to
+`ACCELERATOR_MAX_REFERENCE_BLOCK` columns (every few-shot bank whole) and is not chunked: a GPU's
+index-returning `max` is as fast as `amax`, and the chunk passes and running merges only added
+kernel launches (an H100 ran the baseline's matching 2x slower with CPU-shaped blocks than with
+whole-bank blocks, RESULTS.md "GPU paths").
 
 Ties: on the torch kernel, exact score ties (identical reference vectors) resolve to the lowest index
 for k = 1, as `torch.argmax` does (a short last column block is zero-padded to the full width because a
@@ -56,8 +60,9 @@ import torch
 METRICS = ("ip", "cosine", "l2")
 BACKENDS = ("auto", "torch", "faiss")
 CPU_BLOCK_BYTES = 2 << 20
-ACCELERATOR_BLOCK_BYTES = 64 << 20
+ACCELERATOR_BLOCK_BYTES = 256 << 20
 MAX_REFERENCE_BLOCK = 4096
+ACCELERATOR_MAX_REFERENCE_BLOCK = 65536
 CHUNK = 64
 # Chunk maxima pay off only while the k best chunks are a small part of a block.
 _CHUNK_SHARE = 4
@@ -91,13 +96,15 @@ def block_shape(
 ) -> BlockShape:
     """The heuristic block shape for `queries` x `references` scores (see the module docstring)."""
     elements = max(1, (block_bytes or default_block_bytes(device)) // element_size)
-    columns = min(max(1, references), MAX_REFERENCE_BLOCK, elements)
+    on_cpu = torch.device(device).type == "cpu"
+    widest = MAX_REFERENCE_BLOCK if on_cpu else ACCELERATOR_MAX_REFERENCE_BLOCK
+    columns = min(max(1, references), widest, elements)
     if CHUNK <= columns < references:
         # equal blocks of whole chunks: the zero-padded last block wastes less than one chunk per block
         blocks = -(-references // (columns // CHUNK * CHUNK))
         columns = -(-references // (blocks * CHUNK)) * CHUNK
     rows = max(1, min(max(1, queries), elements // columns))
-    chunk = CHUNK if k * CHUNK * _CHUNK_SHARE <= columns else 1
+    chunk = CHUNK if on_cpu and k * CHUNK * _CHUNK_SHARE <= columns else 1
     return BlockShape(rows, columns, chunk)
 
 

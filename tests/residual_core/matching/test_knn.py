@@ -202,6 +202,21 @@ def test_block_shape_heuristic_bounds_the_block():
     assert block_shape(0, 0, 1, block_bytes=1).rows == 1
     gpu = block_shape(50_176, 3_136, 1, device="cuda")
     assert gpu.rows * gpu.columns * 4 <= knn.ACCELERATOR_BLOCK_BYTES and gpu.rows > shape.rows
+    assert gpu.chunk == 1  # a GPU's max with indices is as fast as amax: no chunk passes
+    assert block_shape(100_352, 12_544, 4, device="cuda").columns == 12_544  # a 4-shot bank in one block
+    wide = block_shape(10, 1_000_000, 1, device="cuda")
+    assert wide.columns <= knn.ACCELERATOR_MAX_REFERENCE_BLOCK and wide.columns % knn.CHUNK == 0
+
+
+def test_accelerator_shaped_blocks_give_the_dense_results():
+    """The GPU block shape (whole bank, no chunks), run on CPU tensors, finds what the dense scores do."""
+    query, reference = data()
+    for k in (1, 3):
+        shape = block_shape(query.shape[0], reference.shape[0], k, device="cuda")
+        scores, indices = exact_search(query, reference, k, shape=shape)
+        expected = (query @ reference.T).topk(k, dim=1)
+        assert torch.equal(indices, expected.indices)
+        torch.testing.assert_close(scores, expected.values)
 
 
 def test_clear_errors():
