@@ -377,14 +377,17 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
     """Seconds per image of one scoring actor's work, in process and one shard after another (no Ray):
     decoding (`prepare_shard`, a CPU task in the pipeline), scoring (`ScoringActor.score_shard`: forward,
     matching, the batches' metric reduction) and the rest of the call (the shard's metric state, results
-    and commit), after a first shard that loads the models (not counted)."""
+    and commit), after a first shard that loads the models (not counted); and inside scoring, the time
+    the background thread spent reducing batches (overlapped with scoring), with two of its parts."""
     import json
 
+    from residual_core.metrics import accumulator
     from workflows.pipelines import evaluate
-    from workflows.pipelines.scoring import ScoringActor, prepare_shard
+    from workflows.pipelines.scoring import ScoringActor, ShardOutputs, prepare_shard
 
     fresh = _fresh_output(config, name)
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
+    reductions = _Seconds()  # inside scoring: the batches' reduction (background thread), two of its parts
     real_score = actor.score_shard
     scoring = []
 
@@ -404,15 +407,42 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
             prepared = time.perf_counter()
             summary = actor(row)
             done = time.perf_counter()
-            if number:  # the first shard loads the models
+            if not number:  # the first shard loads the models: not counted
+                reductions.seconds = dict.fromkeys(reductions.seconds, 0.0)
+            else:
                 seconds.append((prepared - start, scoring[-1], done - prepared - scoring[-1]))
                 images += json.loads(summary["summary"])["images"]
             yield summary
 
-    with _patched(evaluate, "run_scoring", in_process):
+    with _patched(evaluate, "run_scoring", in_process), \
+            reductions.wrap(ShardOutputs, "add", "reduction (background thread)"), \
+            reductions.wrap(accumulator.MetricAccumulator, "_update_pixels", "  pixel updates"), \
+            reductions.wrap(accumulator, "anomalous_pixel_regions", "    mask regions (CPU)"):
         evaluate.run_evaluate(fresh, progress=False)
     totals = [sum(part) / max(images, 1) for part in zip(*seconds, strict=True)]
-    return dict(zip(("decode", "score", "state and commit"), totals, strict=True))
+    parts = dict(zip(("decode", "score", "state and commit"), totals, strict=True))
+    return parts | {name: value / max(images, 1) for name, value in reductions.seconds.items()}
+
+
+class _Seconds:
+    """Wall seconds spent in wrapped callables, by label (summed over every call, any thread)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner, name: str, label: str):
+        original = getattr(owner, name)
+        self.seconds.setdefault(label, 0.0)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+
+        return _patched(owner, name, timed)
 
 
 def main() -> None:
@@ -488,7 +518,7 @@ def main() -> None:
                     parts = _actor_profile(config, f"actor-profile-{number}")
                 actor = parts["score"] + parts["state and commit"]
                 print(f"one actor in process{label}, per image: "
-                      + ", ".join(f"{name} {1000 * value:.3f} ms" for name, value in parts.items())
+                      + ", ".join(f"{name.strip()} {1000 * value:.3f} ms" for name, value in parts.items())
                       + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)",
                       flush=True)
         runs = [(actors, calls, size) for size in args.shard_size for actors in args.actors

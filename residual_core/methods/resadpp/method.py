@@ -22,6 +22,17 @@ from residual_core.methods.resadpp.training import UNKNOWN, ResADppTrainer, Trai
 from residual_core.methods.resadpp.vq import MultiLevelVQ, match_feature_distribution
 from residual_core.methods.set_normalisation import RawBatch
 
+# Flow rows per scoring step off the CPU. The authors score a whole batch per level at once (validate.py);
+# chunks of `position_batch` (8,192 rows, two 56 x 56 grids) made a batch of 32 at 224 px 21 chunks x 10
+# couplings of small kernels on a GPU, bound by their launches (RESULTS.md, eighth pass). 2^18 rows hold
+# the widest hidden activations (2 x (channels + pos_embed_dim) wide) at ~0.6 GB.
+ACCELERATOR_FLOW_ROWS = 1 << 18
+
+
+def flow_step_rows(device: torch.device, position_batch: int) -> int:
+    """Rows per scoring flow step: `position_batch` on a CPU, `ACCELERATOR_FLOW_ROWS` elsewhere."""
+    return position_batch if device.type == "cpu" else ACCELERATOR_FLOW_ROWS
+
 
 class ResADpp(AnomalyMethod):
     name = "resadpp"
@@ -128,12 +139,12 @@ class ResADpp(AnomalyMethod):
         return TestSetNormaliser(len(self.channels), size, cfg.smoothing_sigma, cfg.score_branch)
 
     def _flow_logps(self, level: int, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position (normal, abnormal) log-likelihoods [B, H, W], in chunks of position_batch rows
+        """Per-position (normal, abnormal) log-likelihoods [B, H, W], in chunks of `flow_step_rows` rows
         (conditional flows: of whole grids, at least one)."""
         b, c, h, w = features.shape
         rows = features.permute(0, 2, 3, 1).reshape(-1, c)
         flow = self.flows[level]
-        step = self.config.position_batch
+        step = flow_step_rows(rows.device, self.config.position_batch)
         if self.config.conditional_flow:  # each block's condition term once per grid position, not per row
             terms = flow.condition_terms(position_table(self.config.pos_embed_dim, h, w, rows.device))
             step = max(1, step // (h * w)) * h * w  # whole grids per chunk (at least one)

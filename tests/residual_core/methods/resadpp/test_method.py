@@ -175,3 +175,22 @@ def test_scores_equal_the_scoring_before_the_fast_flows_and_vq(trained, cnn_back
     before = method.score(query, bank)
     torch.testing.assert_close(fast.anomaly_map, before.anomaly_map, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.image_score, before.image_score, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_in_accelerator_sized_flow_steps_changes_only_rounding(trained, cnn_backbone, monkeypatch):
+    """Off the CPU the flows score a whole batch per step (the authors' validate.py) instead of
+    position_batch chunks: the same maps and scores up to float rounding (run here on the CPU)."""
+    from dataclasses import replace
+
+    from residual_core.methods.resadpp import method as method_module
+
+    assert method_module.flow_step_rows(torch.device("cuda"), 8192) == method_module.ACCELERATOR_FLOW_ROWS
+    assert method_module.flow_step_rows(torch.device("cpu"), 8192) == 8192
+    method, _, _ = trained
+    monkeypatch.setattr(method, "config", replace(method.config, position_batch=300))  # 1 grid per chunk
+    bank, query = bank_for(cnn_backbone, IMAGE_SIZE), images(3, IMAGE_SIZE, 11)
+    chunked = method.score(query, bank)
+    monkeypatch.setattr(method_module, "flow_step_rows", lambda device, position_batch: 1 << 18)
+    whole = method.score(query, bank)
+    torch.testing.assert_close(whole.anomaly_map, chunked.anomaly_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole.image_score, chunked.image_score, atol=1e-5, rtol=1e-5)
