@@ -363,16 +363,6 @@ def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]
     return overall, finished[0][0], steady
 
 
-@contextlib.contextmanager
-def _one_stream():
-    """The actor as before its side streams: every kernel on the scoring thread's stream."""
-    from workflows.pipelines import background, scoring
-
-    with _patched(background, "side_stream", lambda device: None), \
-            _patched(scoring, "side_stream", lambda device: None):
-        yield
-
-
 def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
     """Seconds per image of one scoring actor's work, in process and one shard after another (no Ray):
     decoding (`prepare_shard`, a CPU task in the pipeline), scoring (`ScoringActor.score_shard`: forward,
@@ -509,18 +499,12 @@ def main() -> None:
         print(f"  same, 1 thread (a 1-CPU actor's share): {one_thread:8.1f} images/s")
         print(f"  in-memory method.score, 1 thread      : {method_rate:8.1f} images/s")
         if args.actor_profile:
-            # on a GPU also as before the side streams: reductions and commits on the scoring stream
-            variants = [("", contextlib.nullcontext)]
-            if device.startswith("cuda"):
-                variants.append((" (one CUDA stream, as before)", _one_stream))
-            for number, (label, context) in enumerate(variants):
-                with context():
-                    parts = _actor_profile(config, f"actor-profile-{number}")
-                actor = parts["score"] + parts["state and commit"]
-                print(f"one actor in process{label}, per image: "
-                      + ", ".join(f"{name.strip()} {1000 * value:.3f} ms" for name, value in parts.items())
-                      + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)",
-                      flush=True)
+            parts = _actor_profile(config)
+            actor = parts["score"] + parts["state and commit"]
+            print("one actor in process, per image: "
+                  + ", ".join(f"{name.strip()} {1000 * value:.3f} ms" for name, value in parts.items())
+                  + f"; scoring and commit {1 / actor:.1f} images/s ({100 / actor / bare:5.1f}% of bare)",
+                  flush=True)
         runs = [(actors, calls, size) for size in args.shard_size for actors in args.actors
                 for calls in (args.gpu_calls if device.startswith("cuda") else [1])]
         for actors, calls, size in runs:

@@ -7,13 +7,6 @@ in the same order as in series (bit-identical results). At most `max_pending` ca
 (the batch being reduced and one waiting): their outputs are held in memory until reduced. A failure
 in the worker is raised in the submitting thread at the next `submit` or at `join`, so it fails the
 shard rather than being lost.
-
-On a CUDA device (`device=`) the worker's kernels go to a CUDA stream of its own. On the submitting
-thread's stream they queued behind the next batch's forward and matching, and every synchronisation
-in the reduction (`torch.unique`, boolean indexing, the copies to the host) waited for that batch too.
-Each call first waits for an event recorded on the submitter's stream when it was submitted (so it
-sees the batch exactly as scored, not the next one) and ends by synchronising its stream (so nothing
-it read is freed, and nothing it made is read elsewhere, while its kernels still run).
 """
 
 from __future__ import annotations
@@ -21,7 +14,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 
 MAX_PENDING_REDUCTIONS = 2  # the batch being reduced and one queued behind it
 
@@ -29,12 +21,10 @@ MAX_PENDING_REDUCTIONS = 2  # the batch being reduced and one queued behind it
 class SerialWorker:
     """Runs submitted calls one at a time, in order, on one thread; bounded; re-raises failures."""
 
-    def __init__(self, max_pending: int = MAX_PENDING_REDUCTIONS, name: str = "reduce",
-                 device: str | None = None) -> None:
+    def __init__(self, max_pending: int = MAX_PENDING_REDUCTIONS, name: str = "reduce") -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.max_pending = max_pending
-        self._stream = side_stream(device)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: deque[Future] = deque()
 
@@ -42,8 +32,7 @@ class SerialWorker:
         """Queue `fn(*args)`; first collect finished calls (raising a failure) and wait while full."""
         while self._pending and (self._pending[0].done() or len(self._pending) >= self.max_pending):
             self._pending.popleft().result()
-        submitted = None if self._stream is None else _recorded_event(self._stream.device)
-        self._pending.append(self._pool.submit(_run, self._stream, submitted, fn, *args))
+        self._pending.append(self._pool.submit(_no_grad, fn, *args))
 
     @property
     def pending(self) -> int:
@@ -67,45 +56,9 @@ class SerialWorker:
         self.close()
 
 
-def side_stream(device: str | None):
-    """A CUDA stream of `device` for a worker's kernels; None on any other device (or none)."""
-    if device is None or not str(device).startswith("cuda"):
-        return None
+def _no_grad(fn: Callable, *args):
+    """`fn(*args)` without autograd (grad mode is per thread)."""
     import torch
 
-    return torch.cuda.Stream(device=torch.device(device))
-
-
-def _recorded_event(device):
-    """An event recorded now on the calling thread's current stream of `device`."""
-    import torch
-
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-@contextmanager
-def on_stream(stream, after=None):
-    """Run the block's kernels on `stream` (a CUDA stream; None: as they are), after the `after` event,
-    and wait for them to finish before leaving."""
-    if stream is None:
-        yield
-        return
-    import torch
-
-    with torch.cuda.stream(stream):
-        if after is not None:
-            stream.wait_event(after)
-        try:
-            yield
-        finally:
-            stream.synchronize()
-
-
-def _run(stream, submitted, fn: Callable, *args):
-    """`fn(*args)` without autograd (grad mode is per thread), on `on_stream(stream, submitted)`."""
-    import torch
-
-    with torch.no_grad(), on_stream(stream, submitted):
+    with torch.no_grad():
         return fn(*args)

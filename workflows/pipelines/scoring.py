@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from workflows.pipelines.background import SerialWorker, on_stream, side_stream
+from workflows.pipelines.background import SerialWorker
 from workflows.pipelines.commits import ShardStore
 from workflows.pipelines.metric_groups import group_of
 from workflows.pipelines.prepared import PreparedShard, image_input, model_input, stack_images
@@ -204,11 +204,10 @@ class ScoringActor:
     def score_shard(self, job: ScoringJob, shard, images: np.ndarray, reduce_batch, *,
                     raw: bool = False) -> None:
         """The actors' shard loop: every batch of `scored_batches` handed to `reduce_batch(start, stop,
-        output)` on one background thread (in order; batch i reduced while batch i + 1 is scored; on a GPU
-        on a CUDA stream of its own), all reduced when this returns. One shard at a time is scored: on an
-        actor that runs two calls at once (`CALLS_PER_GPU_ACTOR`), one shard's commit overlaps the next
-        one's scoring."""
-        with self._scoring, SerialWorker(device=self._device(job)) as reducer:
+        output)` on one background thread (in order; batch i reduced while batch i + 1 is scored), all
+        reduced when this returns. One shard at a time is scored: on an actor that runs two calls at once
+        (`CALLS_PER_GPU_ACTOR`), one shard's commit overlaps the next one's scoring."""
+        with self._scoring, SerialWorker() as reducer:
             for start, stop, out in self.scored_batches(job, shard, images, raw=raw):
                 reducer.submit(reduce_batch, start, stop, out)
             reducer.join()  # every batch reduced (a failure raised here) before the commit
@@ -236,10 +235,7 @@ class ScoringActor:
             summary["normaliser"] = normaliser.to_dict()
             raw = pack_raw({k: np.concatenate(v) for k, v in raw_parts.items()}, prepared.masks, kept,
                            skipped)
-        # on a GPU the folded pixel bins leave the device on a stream of their own: on the default
-        # stream their copies would wait behind the next shard's scoring (this actor's other call)
-        with on_stream(side_stream(self._device(job))):
-            outputs.commit(ShardStore(job.job_url), shard, skipped, summary, raw)
+        outputs.commit(ShardStore(job.job_url), shard, skipped, summary, raw)
         return {"job_id": job.job_id, "shard_id": shard.shard_id, "dataset": shard.dataset,
                 "category": shard.category, "summary": json.dumps(summary)}
 

@@ -58,35 +58,3 @@ def test_a_failure_is_raised_at_the_next_submit_or_at_join():
 def test_max_pending_must_be_positive():
     with pytest.raises(ValueError, match="max_pending"):
         SerialWorker(max_pending=0)
-
-
-def test_off_cuda_the_calls_run_without_a_stream_and_without_autograd():
-    import torch
-
-    seen = []
-    with SerialWorker(device="cpu") as worker:
-        assert worker._stream is None
-        worker.submit(lambda: seen.append(torch.is_grad_enabled()))
-        worker.join()
-    assert seen == [False]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_a_call_runs_on_its_own_stream_after_what_was_queued_before_it():
-    """The batch a call gets is the one scored before its submission: its stream waits for the event
-    recorded then, even while the submitter's stream is still busy with it."""
-    import torch
-
-    x = torch.zeros(1 << 24, device="cuda")
-    for _ in range(200):  # long enough that an unordered read would see a partial sum
-        x.add_(1)
-    seen = []
-
-    def read(tensor):
-        seen.append((torch.cuda.current_stream() != torch.cuda.default_stream(), tensor.sum().item()))
-
-    with SerialWorker(device="cuda") as worker:
-        worker.submit(read, x)
-        worker.join()
-    assert seen == [(True, 200.0 * (1 << 24))]
