@@ -35,8 +35,9 @@ equal blocks of whole chunks (so the zero-padded last block wastes less than a c
 query side the rest of the budget (at least one row). On a GPU a block spans up to
 `ACCELERATOR_MAX_REFERENCE_BLOCK` columns (every few-shot bank whole) and is not chunked: a GPU's
 index-returning `max` is as fast as `amax`, and the chunk passes and running merges only added
-kernel launches (an H100 ran the baseline's matching 2x slower with CPU-shaped blocks than with
-whole-bank blocks, RESULTS.md "GPU paths").
+kernel launches (on an H100 the baseline's k = 4 matching took twice as long with CPU-shaped blocks as
+with dense [rows, N] blocks; with these shapes its `method.score` ran 1.6x faster than with CPU-shaped
+ones: RESULTS.md, "GPU paths" and "Eighth pass").
 
 Ties: on the torch kernel, exact score ties (identical reference vectors) resolve to the lowest index
 for k = 1, as `torch.argmax` does (a short last column block is zero-padded to the full width because a

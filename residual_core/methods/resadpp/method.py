@@ -25,7 +25,7 @@ from residual_core.methods.set_normalisation import RawBatch
 # Flow rows per scoring step off the CPU. The authors score a whole batch per level at once (validate.py);
 # chunks of `position_batch` (8,192 rows, two 56 x 56 grids) made a batch of 32 at 224 px 21 chunks x 10
 # couplings of small kernels on a GPU, bound by their launches (RESULTS.md, eighth pass). 2^18 rows hold
-# the widest hidden activations (2 x (channels + pos_embed_dim) wide) at ~0.6 GB.
+# the widest subnet activations (2 x (channels / 2 + pos_embed_dim) wide: 624 at 112 channels) at ~0.65 GB.
 ACCELERATOR_FLOW_ROWS = 1 << 18
 
 
