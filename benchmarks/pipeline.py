@@ -10,6 +10,9 @@ Reference banks are built before timing. Usage:
 thread for k reference shots (`--shots 1 4`), the baseline also with the dense matching it used before
 the blocked exact search, and where each method's time goes (backbone, matching, VQ, EFDM, flows, ...):
     .venv/bin/python benchmarks/pipeline.py --method-only --shots 1 4 --methods baseline res2clip resadpp
+`--op-profile` adds torch.profiler's busiest operators of one batch per method and k (self CPU and device
+time, call counts: a launch-bound GPU batch shows many calls of cheap kernels). `--actor-profile` times one
+scoring actor in process: decode, scoring (and within it the background reduction), state and commit.
 Res2CLIP on a CLIP ViT (random weights, at its native size; all three branches):
     .venv/bin/python benchmarks/pipeline.py --method-only --backbone openclip-random:ViT-B-16 \
         --methods res2clip --image-size 224
