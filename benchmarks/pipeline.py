@@ -130,9 +130,12 @@ def _dense_nearest(query, reference, *, block_bytes=None, **_):
 
 
 class _ComponentTimer:
-    """Wall time per named component: wraps callables (module functions or instance attributes)."""
+    """Wall time per named component: wraps callables (module functions or instance attributes), summed
+    over every call in any thread. `device`: a CUDA device is synchronised before and after each call
+    (its kernels counted where they were launched); None times wall clock only (calls on a background
+    thread, whose overlap with the launching thread is what is measured)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str | None) -> None:
         self.device, self.seconds, self._undo = device, {}, []
 
     def wrap(self, owner, name: str, label: str) -> None:
@@ -140,13 +143,14 @@ class _ComponentTimer:
 
         original = getattr(owner, name)
         self.seconds.setdefault(label, 0.0)
+        synchronise = self.device is not None and self.device.startswith("cuda")
 
         def timed(*args, **kwargs):
-            if self.device.startswith("cuda"):
+            if synchronise:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             out = original(*args, **kwargs)
-            if self.device.startswith("cuda"):
+            if synchronise:
                 torch.cuda.synchronize()
             self.seconds[label] += time.perf_counter() - start
             return out
@@ -380,7 +384,7 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
 
     fresh = _fresh_output(config, name)
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
-    reductions = _Seconds()  # inside scoring: the batches' reduction (background thread), two of its parts
+    reductions = _ComponentTimer(None)  # inside scoring: the batches' reduction, two of its parts
     real_score = actor.score_shard
     scoring = []
 
@@ -407,35 +411,17 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
                 images += json.loads(summary["summary"])["images"]
             yield summary
 
-    with _patched(evaluate, "run_scoring", in_process), \
-            reductions.wrap(ShardOutputs, "add", "reduction (background thread)"), \
-            reductions.wrap(accumulator.MetricAccumulator, "_update_pixels", "  pixel updates"), \
-            reductions.wrap(accumulator, "anomalous_pixel_regions", "    mask regions (CPU)"):
-        evaluate.run_evaluate(fresh, progress=False)
+    reductions.wrap(ShardOutputs, "add", "reduction (background thread)")
+    reductions.wrap(accumulator.MetricAccumulator, "_update_pixels", "  pixel updates")
+    reductions.wrap(accumulator, "anomalous_pixel_regions", "    mask regions (CPU)")
+    try:
+        with _patched(evaluate, "run_scoring", in_process):
+            evaluate.run_evaluate(fresh, progress=False)
+    finally:
+        reductions.restore()
     totals = [sum(part) / max(images, 1) for part in zip(*seconds, strict=True)]
     parts = dict(zip(("decode", "score", "state and commit"), totals, strict=True))
     return parts | {name: value / max(images, 1) for name, value in reductions.seconds.items()}
-
-
-class _Seconds:
-    """Wall seconds spent in wrapped callables, by label (summed over every call, any thread)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def wrap(self, owner, name: str, label: str):
-        original = getattr(owner, name)
-        self.seconds.setdefault(label, 0.0)
-
-        @functools.wraps(original)
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[label] += time.perf_counter() - start
-
-        return _patched(owner, name, timed)
 
 
 def main() -> None:
