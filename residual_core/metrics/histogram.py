@@ -246,10 +246,11 @@ class CollapsingHistogram:
     def add(self, normal: BinCounts | None, anomalous: BinCounts | None) -> None:
         """Add reduced batches (at the current shift or coarser: a device fold may have collapsed them);
         queued and folded in once the queue is large."""
-        if normal is not None and self.window is not None and normal.shift > self.window_shift:
-            self._close_window()  # the window's slots are finer than these bins
         if normal is not None and self.window is not None:
-            normal = self._absorb_into_window(normal)
+            if normal.shift > self.window_shift:
+                self._close_window()  # the window's slots are finer than these bins
+            else:
+                normal = self._absorb_into_window(normal)
         self.pending.append((normal, anomalous))
         self._fold_if_large()
 
