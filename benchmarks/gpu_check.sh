@@ -9,6 +9,8 @@
 #      profile arguments) (the target: evaluate keeps >= 85% of the bare GPU forward);
 #   4. the matching benchmark's exact table with the blocked torch search on cuda and FAISS-GPU flat;
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
+# AB_TREE (a directory holding another tree of the repository, e.g. an earlier commit's `git archive`)
+# runs step 3 from that tree first, with AB_PIPELINE_ARGS (default PIPELINE_ARGS): an A/B on one machine.
 # Each step has its own time limit; a failing step is reported and the next one still runs. Output:
 # one log per step and `summary.txt` under $OUT (default ./gpu_check_out), the summary also printed.
 #
@@ -83,6 +85,19 @@ if wants pytest_gpu; then
 fi
 
 if wants pipeline; then
+    if [ -n "${AB_TREE:-}" ]; then
+        # an A/B in one run: the same step first from another tree (e.g. `git archive` of an earlier
+        # commit, carried to the machine), run from that tree with only it on the path (Ray's workers too)
+        py_a=$PY
+        case "$PY" in */*) py_a="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+        # shellcheck disable=SC2086
+        step pipeline_a 240 env -C "$AB_TREE" PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" \
+            "$py_a" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
+            --batch-size 32 --image-size 224 --actors 1 \
+            ${AB_PIPELINE_ARGS:-${PIPELINE_ARGS:---shard-size 128 512 --gpu-calls 1 2 --actor-profile}}
+        grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline_a.log" | sed "s|^|A ($AB_TREE): |" \
+            | tee -a "$SUMMARY"
+    fi
     # shellcheck disable=SC2086
     step pipeline 240 "$PY" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
         --batch-size 32 --image-size 224 --actors 1 \

@@ -370,21 +370,31 @@ def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]
     return overall, finished[0][0], steady
 
 
+def _gpu_share(device: str, actors: int) -> float | None:
+    """On cuda, each actor's GPU share: the GPUs split between the actors, at most one each (two actors
+    on one GPU: two processes, each with its own background reduction); None (the config's) elsewhere."""
+    import torch
+
+    return min(1.0, torch.cuda.device_count() / actors) if device.startswith("cuda") else None
+
+
 def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
     """Seconds per image of one scoring actor's work, in process and one shard after another (no Ray):
     decoding (`prepare_shard`, a CPU task in the pipeline), scoring (`ScoringActor.score_shard`: forward,
     matching, the batches' metric reduction) and the rest of the call (the shard's metric state, results
     and commit), after a first shard that loads the models (not counted); and inside scoring, the time
-    the background thread spent reducing batches (overlapped with scoring), with two of its parts."""
+    the background thread spent reducing batches (overlapped with scoring), with its parts (wall time: on
+    a GPU the device parts include their waits for the queued kernels)."""
     import json
 
     from residual_core.metrics import accumulator
+    from residual_core.metrics.device_fold import DeviceFold
     from workflows.pipelines import evaluate
     from workflows.pipelines.scoring import ScoringActor, ShardOutputs, prepare_shard
 
     fresh = _fresh_output(config, name)
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
-    reductions = _ComponentTimer(None)  # inside scoring: the batches' reduction, two of its parts
+    reductions = _ComponentTimer(None)  # inside scoring: the batches' reduction and its parts
     real_score = actor.score_shard
     scoring = []
 
@@ -413,7 +423,9 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
 
     reductions.wrap(ShardOutputs, "add", "reduction (background thread)")
     reductions.wrap(accumulator.MetricAccumulator, "_update_pixels", "  pixel updates")
-    reductions.wrap(accumulator, "anomalous_pixel_regions", "    mask regions (CPU)")
+    reductions.wrap(accumulator, "_ground_truth", "    mask regions (from the shipped labels)")
+    reductions.wrap(accumulator, "reduce_torch_bins", "    device reduction")
+    reductions.wrap(DeviceFold, "add", "    device fold")
     try:
         with _patched(evaluate, "run_scoring", in_process):
             evaluate.run_evaluate(fresh, progress=False)
@@ -434,7 +446,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpus", type=int, default=None)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2],
-                        help="evaluate pipeline runs with these actor counts (on a GPU: one actor per GPU)")
+                        help="evaluate pipeline runs with these actor counts (on cuda the GPUs are split "
+                             "between them, at most one each: 2 on one GPU get 0.5 each)")
     parser.add_argument("--bare-images", type=int, default=None,
                         help="time the bare forward and in-memory rows on the first N test images (all)")
     parser.add_argument("--gpu-calls", type=int, nargs="+", default=None,
@@ -497,10 +510,13 @@ def main() -> None:
         runs = [(actors, calls, size) for size in args.shard_size for actors in args.actors
                 for calls in (args.gpu_calls if device.startswith("cuda") else [1])]
         for actors, calls, size in runs:
-            sized = replace(config, evaluate=replace(config.evaluate, shard_size=size))
+            share = _gpu_share(device, actors)
+            evaluate_config = replace(config.evaluate, shard_size=size, num_gpus_per_actor=share)
+            sized = replace(config, evaluate=evaluate_config)
             with _patched(scoring, "CALLS_PER_GPU_ACTOR", calls):
                 rate, first, steady = _pipeline(sized, actors, calls)
             label = f", {calls} call(s) at once" if device.startswith("cuda") else ""
+            label += f", {share:g} GPU each" if share else ""
             label += f", shards of {size}" if len(args.shard_size) > 1 else ""
             print(f"evaluate pipeline, {actors} actor(s){label}, {args.images} images: {rate:8.1f} "
                   f"images/s ({100 * rate / bare:5.1f}% of bare); first shard after {first:.1f} s, "
