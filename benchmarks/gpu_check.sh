@@ -11,6 +11,7 @@
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # AB_TREE (a directory holding another tree of the repository, e.g. an earlier commit's `git archive`)
 # runs step 3 from that tree first, with AB_PIPELINE_ARGS (default PIPELINE_ARGS): an A/B on one machine.
+# PIPELINE_LIMIT: the pipeline step's time limit in seconds (default 240).
 # Each step has its own time limit; a failing step is reported and the next one still runs. Output:
 # one log per step and `summary.txt` under $OUT (default ./gpu_check_out), the summary also printed.
 #
@@ -91,7 +92,7 @@ if wants pipeline; then
         py_a=$PY
         case "$PY" in */*) py_a="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
         # shellcheck disable=SC2086
-        step pipeline_a 240 env -C "$AB_TREE" PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" \
+        step pipeline_a "${PIPELINE_LIMIT:-240}" env -C "$AB_TREE" PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" \
             "$py_a" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
             --batch-size 32 --image-size 224 --actors 1 \
             ${AB_PIPELINE_ARGS:-${PIPELINE_ARGS:---shard-size 128 512 --gpu-calls 1 2 --actor-profile}}
@@ -99,7 +100,7 @@ if wants pipeline; then
             | tee -a "$SUMMARY"
     fi
     # shellcheck disable=SC2086
-    step pipeline 240 "$PY" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
+    step pipeline "${PIPELINE_LIMIT:-240}" "$PY" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
         --batch-size 32 --image-size 224 --actors 1 \
         ${PIPELINE_ARGS:---shard-size 128 512 --gpu-calls 1 2 --actor-profile}
     grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline.log" | tee -a "$SUMMARY"
