@@ -423,7 +423,7 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
 
     reductions.wrap(ShardOutputs, "add", "reduction (background thread)")
     reductions.wrap(accumulator.MetricAccumulator, "_update_pixels", "  pixel updates")
-    reductions.wrap(accumulator, "_ground_truth", "    mask regions (from the shipped labels)")
+    reductions.wrap(accumulator, "anomalous_pixel_regions", "    mask regions (CPU)")
     reductions.wrap(accumulator, "reduce_torch_bins", "    device reduction")
     reductions.wrap(DeviceFold, "add", "    device fold")
     try:

@@ -23,7 +23,7 @@ from residual_core.metrics.encoding import (
 )
 from residual_core.metrics.histogram import OVERLAP_BITS, CollapsingHistogram
 from residual_core.metrics.reduce import reduce_anomalous, reduce_numpy, reduce_torch_bins
-from residual_core.metrics.regions import anomalous_pixel_regions, labelled_pixel_regions
+from residual_core.metrics.regions import anomalous_pixel_regions
 
 STATE_VERSION = 2  # 2: float64 keys, capacity counts distinct scores, compact arrays; 1 still read
 READABLE_VERSIONS = (1, 2)
@@ -98,49 +98,6 @@ def _error_bounds(bins: curves.CurveBins, c: curves.CumulativeCounts, names: tup
     return bounds
 
 
-@dataclass
-class _GroundTruth:
-    """A batch's masks as the pixel reduction needs them: flat anomalous flags, region ids of the
-    anomalous pixels and region sizes (numpy on the host, tensors on the maps' device), and which images
-    have a region (numpy)."""
-
-    positive: np.ndarray | torch.Tensor
-    region: np.ndarray | torch.Tensor
-    sizes: np.ndarray | torch.Tensor
-    has_region: np.ndarray
-
-
-def _ground_truth(masks, regions_labelled: bool, shape: tuple, batch: int, index: np.ndarray,
-                  device) -> _GroundTruth:
-    """The masks of rows ``index`` of a batch of ``batch`` images whose maps have ``shape`` [B, H, W], on
-    ``device`` (None: the host): labelled here (binary masks) or taken from ``regions.label_regions``."""
-    if regions_labelled:
-        labels = _squeeze_channel(masks if isinstance(masks, torch.Tensor) else np.asarray(masks), "masks")
-    else:
-        labels = _squeeze_channel(_binary_masks(masks, "masks"), "masks")
-    if tuple(labels.shape) != shape or shape[0] != batch:
-        raise ValueError(f"anomaly_maps {shape} and masks {tuple(labels.shape)} must both be [{batch}, H, W]")
-    everything = len(index) == batch
-    if not regions_labelled:
-        binary = labels if everything else labels[index]
-        region, sizes = anomalous_pixel_regions(binary)
-        has_region = binary.reshape(len(index), -1).any(axis=1)
-        positive = binary.reshape(-1)
-        if device is not None:
-            positive, region = torch.from_numpy(positive).to(device), torch.from_numpy(region).to(device)
-            sizes = torch.from_numpy(sizes)
-        return _GroundTruth(positive, region, sizes, has_region)
-    if device is None:
-        labels = _to_numpy(labels, "masks")
-        labels = labels if everything else labels[index]
-    else:
-        labels = torch.as_tensor(labels).to(device)
-        labels = labels if everything else labels[torch.from_numpy(index).to(device)]
-    region, sizes, per_image = labelled_pixel_regions(labels)
-    has_region = _to_numpy(per_image > 0, "masks")
-    return _GroundTruth((labels > 0).reshape(-1), region, sizes, has_region)
-
-
 class MetricAccumulator:
     """Accumulates (image score, label, anomaly map, mask) batches; ``compute()`` gives the metrics."""
 
@@ -173,15 +130,11 @@ class MetricAccumulator:
         return state
 
     # -- accumulation -------------------------------------------------------------------------------
-    def update(self, image_scores, labels, anomaly_maps=None, masks=None, has_mask=None, *,
-               regions_labelled: bool = False) -> None:
+    def update(self, image_scores, labels, anomaly_maps=None, masks=None, has_mask=None) -> None:
         """Add a batch. Images with ``has_mask`` False (or no ``masks`` at all) count for image metrics only.
 
         ``image_scores`` [B]; ``labels`` [B] in {0, 1}; ``anomaly_maps`` [B, H, W] (numpy or torch; a CUDA
         tensor is reduced on its device); ``masks`` [B, H, W] bool or {0, 1}; ``has_mask`` [B] bool.
-        ``regions_labelled``: ``masks`` are ``regions.label_regions`` output (each image's regions numbered
-        1..r, 0 normal; numpy or a tensor on any device), used as they are: nothing is labelled here, and
-        with device maps the masks' work is done on the device too. The state is the same either way.
         """
         scores = as_float_array(image_scores, "image_scores").reshape(-1)
         labels = _to_numpy(labels, "labels").reshape(-1)
@@ -200,7 +153,7 @@ class MetricAccumulator:
         added.images_without_mask = int(batch - with_mask.sum())
         if with_mask.any():  # validates everything before it changes any state
             added.regions, added.anomalous_images_with_empty_mask = self._update_pixels(
-                anomaly_maps, masks, with_mask, anomalous, regions_labelled)
+                anomaly_maps, masks, with_mask, anomalous)
         self.image_hist.add(*image_part)
         self.counts = self.counts + added
 
@@ -216,39 +169,46 @@ class MetricAccumulator:
             raise ValueError(f"has_mask has {has_mask.shape[0]} entries for {batch} image scores")
         return has_mask
 
-    def _update_pixels(self, anomaly_maps, masks, with_mask: np.ndarray, anomalous: np.ndarray,
-                       regions_labelled: bool) -> tuple[int, int]:
+    def _update_pixels(self, anomaly_maps, masks, with_mask: np.ndarray,
+                       anomalous: np.ndarray) -> tuple[int, int]:
         maps = _squeeze_channel(anomaly_maps, "anomaly_maps")
-        on_device = _reduces_on_device(maps)
+        binary = _squeeze_channel(_binary_masks(masks, "masks"), "masks")
+        if tuple(maps.shape) != tuple(binary.shape) or maps.shape[0] != with_mask.shape[0]:
+            raise ValueError(f"anomaly_maps {tuple(maps.shape)} and masks {tuple(binary.shape)} must both be "
+                             f"[{with_mask.shape[0]}, H, W]")
         index = np.flatnonzero(with_mask)
-        truth = _ground_truth(masks, regions_labelled, tuple(maps.shape), with_mask.shape[0], index,
-                              maps.device if on_device else None)
-        if len(index) < with_mask.shape[0]:
-            maps = maps[torch.from_numpy(index).to(maps.device)] if on_device else maps[index]
-        wrong = index[truth.has_region & ~anomalous[index]]
+        everything = len(index) == with_mask.shape[0]
+        binary = binary if everything else binary[index]
+        has_region = binary.reshape(len(index), -1).any(axis=1)
+        wrong = index[has_region & ~anomalous[index]]
         if len(wrong):
             raise ValueError(f"images {wrong.tolist()} of the batch are labelled normal but their masks "
                              "have anomalous pixels")
-        empty = int((~truth.has_region & anomalous[index]).sum())
-        if on_device:
+        empty = int((~has_region & anomalous[index]).sum())
+        region, region_sizes = anomalous_pixel_regions(binary)
+        if _reduces_on_device(maps):
+            device = maps.device
             if self._device_pixels is None:
                 self._device_pixels = DeviceFold(self.config.pixel_capacity)
             shift = max(self._pixel_hist.shift, self._device_pixels.shift)
-            keys = encode_torch(maps, "anomaly_maps") >> shift
-            bins = reduce_torch_bins(keys, truth.positive, shift, truth.region, truth.sizes)
-            self._device_pixels.add(*bins)
+            keys = encode_torch(maps if everything else maps[torch.from_numpy(index).to(device)],
+                                "anomaly_maps") >> shift
+            self._device_pixels.add(*reduce_torch_bins(
+                keys, torch.from_numpy(binary.reshape(-1)).to(device), shift,
+                torch.from_numpy(region).to(device), torch.from_numpy(region_sizes)))
         else:
             shift = self.pixel_hist.shift
             maps = as_float_array(maps, "anomaly_maps")
-            keys = shift_keys(encode_numpy(maps, "anomaly_maps"), shift)
-            part = (None, reduce_anomalous(keys[truth.positive], shift, truth.region, truth.sizes))
+            keys = shift_keys(encode_numpy(maps if everything else maps[index], "anomaly_maps"), shift)
+            positive = binary.reshape(-1)
+            part = (None, reduce_anomalous(keys[positive], shift, region, region_sizes))
             zero_bits = FLOAT32_ZERO_BITS if maps.dtype.kind == "f" and maps.dtype.itemsize <= 4 else 0
-            normal_keys = keys[~truth.positive]
+            normal_keys = keys[~positive]
             del keys
             self.pixel_hist.add_normal_keys(normal_keys, shift, zero_bits, fold=False)
             del normal_keys  # the batch's keys are freed before ``add`` folds (and maybe collapses)
             self.pixel_hist.add(*part)
-        return len(truth.sizes) - 1, empty
+        return len(region_sizes) - 1, empty
 
     # -- merging and state --------------------------------------------------------------------------
     def merge(self, other: MetricAccumulator) -> MetricAccumulator:

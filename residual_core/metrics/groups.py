@@ -52,7 +52,7 @@ class GroupedAccumulator:
         return self.groups[name]
 
     def update(self, groups: Sequence[str], image_scores, labels, anomaly_maps=None, masks=None,
-               has_mask=None, *, regions_labelled: bool = False) -> None:
+               has_mask=None) -> None:
         """``MetricAccumulator.update`` of a batch whose row ``i`` belongs to group ``groups[i]`` (rows
         ordered by group avoid any copy)."""
         names = np.asarray(list(groups), dtype=object)
@@ -63,8 +63,7 @@ class GroupedAccumulator:
             return
         for name, rows in _partition(names):
             self.group(name).update(_take(image_scores, rows), _take(labels, rows), _take(anomaly_maps, rows),
-                                    _take(masks, rows), _take(has_mask, rows),
-                                    regions_labelled=regions_labelled)
+                                    _take(masks, rows), _take(has_mask, rows))
 
     def merged(self, names: Iterable[str] | None = None) -> MetricAccumulator:
         """One accumulator holding the named groups (all when None; missing names hold nothing)."""

@@ -1,6 +1,6 @@
 """A prepared shard as it crosses Ray, from the preparing CPU task to the scoring actor.
 
-Ray Data numpy columns, no pickled blob: `images` [N, 3, S, S], `masks` [N, S, S] region labels (evaluate
+Ray Data numpy columns, no pickled blob: `images` [N, 3, S, S], `masks` [N, S, S] uint8 (evaluate
 only), and the row metadata (`kept`, `skipped`) as one JSON string column `rows`. Images travel as the
 preset's 8-bit pixels (uint8, a quarter of float32's bytes) when the preset says its `image()` is
 exactly those pixels normalised (`Preprocess.EIGHT_BIT_EXACT`); the actor normalises them on the
@@ -56,9 +56,7 @@ class PreparedShard:
     images: np.ndarray  # uint8 pixels or normalised float32, [N, 3, S, S]
     kept: list[dict]
     skipped: list[dict]
-    # [N, S, S] each mask's regions numbered 1..r, 0 normal (`regions.label_regions`: uint8 while no
-    # image has over 255 regions, the bytes of a 0/1 mask; else int32); scan has none
-    masks: np.ndarray | None = None
+    masks: np.ndarray | None = None  # uint8 [N, S, S]; scan has none
 
     def to_row(self, task: dict) -> dict:
         """The Ray Data row: the task's job and shard, the arrays and the rows as JSON."""

@@ -77,7 +77,6 @@ def prepare_shard(task: dict) -> dict:
     """Stage 1 (CPU): read one shard and preprocess it with the job's preset into one Ray Data row of
     numpy columns (`PreparedShard.to_row`)."""
     from residual_core.images import decode_image, decode_mask
-    from residual_core.metrics.regions import label_regions
     from residual_core.preprocess import get_preprocess
 
     job = ScoringJob.from_json(task["job"])
@@ -99,8 +98,7 @@ def prepare_shard(task: dict) -> dict:
             skipped.append({**_meta(row), "skip_reason": f"{type(exc).__name__}: {exc}"[:500]})
             continue
         kept.append({**_meta(row), "has_mask": has_pixel_truth(row, pixel_gt)})
-    # each mask's regions numbered here, on the decode task's CPU, not on the actor (`label_regions`)
-    masks_array = label_regions(np.stack(masks).astype(bool) if masks else np.zeros((0, size, size), bool))
+    masks_array = np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)
     return PreparedShard(stack_images(images, preset, size), kept, skipped, masks_array).to_row(task)
 
 
@@ -264,8 +262,7 @@ class ShardOutputs:
         self.maps: dict[str, np.ndarray] = {}
 
     def add(self, start: int, out, masks: np.ndarray) -> None:
-        """The ScoreOutput of kept rows [start, start + B) with their masks [B, S, S] as
-        `regions.label_regions` labels (each image's regions numbered 1..r, 0 normal)."""
+        """The ScoreOutput of kept rows [start, start + B) with their masks [B, S, S] (uint8/bool)."""
         import torch
 
         rows = self.kept[start:start + len(out.image_score)]
@@ -284,9 +281,8 @@ class ShardOutputs:
                 scores[index],
                 torch.tensor([rows[i]["label"] for i in labelled]),
                 anomaly_maps[index.to(anomaly_maps.device)],  # on a GPU actor reduced there (same state)
-                torch.from_numpy(np.asarray(masks[: len(rows)]))[index],  # there too, from the labels
+                torch.from_numpy(np.asarray(masks[: len(rows)])).bool()[index],
                 torch.tensor([rows[i]["has_mask"] for i in labelled]),
-                regions_labelled=True,
             )
         if self.job.save_maps != "none":
             for i, row in enumerate(rows):

@@ -36,7 +36,6 @@ def _chunks(arrays: dict[str, np.ndarray], count: int) -> Iterator[tuple[int, di
 def reduce_category(job_json: str, dataset: str, category: str, shard_ids: list[str]) -> dict:
     """Finish one category of one job (a Ray task body); returns the set statistics."""
     from residual_core.methods.set_normalisation import normaliser_from_dict
-    from residual_core.metrics.regions import label_regions
 
     job = ScoringJob.from_json(job_json)
     store = ShardStore(job.job_url)
@@ -52,7 +51,6 @@ def reduce_category(job_json: str, dataset: str, category: str, shard_ids: list[
     stats = normaliser.statistics(batches)
     for sid in shard_ids:
         arrays, masks, kept, skipped = unpack_raw(store.raw(sid))
-        masks = label_regions(masks.astype(bool))  # as `prepare_shard` ships them
         outputs = ShardOutputs(job, kept)
         for start, raw in _chunks(arrays, len(kept)):
             outputs.add(start, normaliser.finish(raw, stats), masks[start:start + REDUCE_BATCH])

@@ -11,7 +11,6 @@ import torch
 from residual_core.metrics import MetricAccumulator
 from residual_core.metrics.encoding import FLOAT32_ZERO_BITS, decode_numpy, encode_numpy
 from residual_core.metrics.histogram import CollapsingHistogram
-from residual_core.metrics.regions import label_regions
 from tests.residual_core.metrics.references import assert_same_histogram_state, exact_aupro, sklearn_metrics
 
 TOLERANCE = 1e-4
@@ -241,51 +240,6 @@ def test_torch_inputs_give_the_same_state_as_numpy():
     state = acc.state_dict()
     assert_same_histogram_state(state["pixel_histogram"], expected["pixel_histogram"])
     assert acc.compute() == MetricAccumulator.from_state_dict(expected).compute()
-
-
-def accumulate_labelled(scores, labels, maps, masks, has_mask, device: str | None = None,
-                        batch: int = 5) -> MetricAccumulator:
-    """`accumulate` with the masks as `label_regions` labels (numpy, or tensors on `device`)."""
-    region_labels = label_regions(masks)
-    acc = MetricAccumulator()
-    for start in range(0, len(labels), batch):
-        sl = slice(start, start + batch)
-        batch_maps, batch_labels = maps[sl], region_labels[sl]
-        if device is not None:
-            batch_maps = torch.from_numpy(batch_maps).to(device)
-            batch_labels = torch.from_numpy(batch_labels).to(device)
-        acc.update(scores[sl], labels[sl], batch_maps, batch_labels, has_mask[sl], regions_labelled=True)
-    return acc
-
-
-@pytest.mark.parametrize("kind", ["random", "one_pixel_regions", "many_tiny_regions"])
-def test_region_labels_give_the_state_of_binary_masks(kind):
-    """Masks shipped as per-image region labels (the scoring pipeline's decode tasks number them) give
-    the state that labelling the binary masks here gives, also when some images have no mask."""
-    scores, labels, maps, masks = make_case(kind)
-    has_mask = np.arange(len(labels)) % 4 != 1
-    expected = MetricAccumulator()
-    for start in range(0, len(labels), 5):
-        sl = slice(start, start + 5)
-        expected.update(scores[sl], labels[sl], maps[sl], masks[sl], has_mask[sl])
-    state = accumulate_labelled(scores, labels, maps, masks, has_mask).state_dict()
-    assert_same_histogram_state(state["pixel_histogram"], expected.state_dict()["pixel_histogram"])
-    assert state["counts"] == expected.state_dict()["counts"]
-    wrong = label_regions(masks[:2])  # image 0 is anomalous, image 1 normal: give image 1 a region
-    wrong[1, 0, 0] = 1
-    with pytest.raises(ValueError, match="labelled normal"):
-        MetricAccumulator().update(scores[:2], labels[:2], maps[:2], wrong, regions_labelled=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_region_labels_are_reduced_on_device_with_identical_state():
-    scores, labels, maps, masks = make_case("many_tiny_regions")
-    has_mask = np.arange(len(labels)) % 4 != 1
-    expected = accumulate_labelled(scores, labels, maps, masks, has_mask).state_dict()
-    state = accumulate_labelled(scores, labels, maps, masks, has_mask, device="cuda").state_dict()
-    assert_same_histogram_state(state["pixel_histogram"], expected["pixel_histogram"])
-    assert state["counts"] == expected["counts"]
 
 
 @pytest.mark.gpu

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from residual_core.images import decode_image, decode_mask
-from residual_core.metrics.regions import label_regions
 from residual_core.preprocess import get_preprocess
 from workflows.config import MethodConfig, load_config
 from workflows.datasets.writer import write_dataset
@@ -93,8 +92,7 @@ def test_read_images_uses_the_given_preset(data_url):
 
 def test_evaluate_jobs_carry_the_method_preset_and_prepare_shard_applies_it(tmp_path, data_url, monkeypatch):
     """Two methods in one evaluation (as lodo runs them): each job gets its method's preset and banks
-    made with it; prepare_shard's images and masks (as region labels) equal that preset's on the stored
-    bytes."""
+    made with it; prepare_shard's images and masks equal that preset's on the stored bytes."""
     config = _config(tmp_path, data_url)
     info = probe_backbone({"spec": "effnet-lite0", "layers": None, "image_size": SIZE})
     requested, scored = [], []
@@ -131,8 +129,7 @@ def test_evaluate_jobs_carry_the_method_preset_and_prepare_shard_applies_it(tmp_
             expected = preset.image(image, SIZE, info.mean, info.std)
             np.testing.assert_array_equal(model_input(payload.images[i], job.mean, job.std), expected)
             mask = decode_mask(row["mask"], image.size) if row["mask"] is not None else None
-            binary = preset.mask(mask, SIZE)[0].numpy().astype(bool)  # shipped as its regions' labels
-            np.testing.assert_array_equal(payload.masks[i], label_regions(binary[None])[0])
+            np.testing.assert_array_equal(payload.masks[i], preset.mask(mask, SIZE)[0].numpy())
         assert any(m.any() for m in payload.masks)
     resad, square = (model_input(_prepared(*jobs[name]).images, info.mean, info.std)
                      for name in ("resadpp", "baseline"))
