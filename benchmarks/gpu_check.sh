@@ -4,9 +4,9 @@
 #   2. `pytest -m gpu` over the test files that hold GPU tests (FAISS GPU vs CPU search, the blocked exact
 #      search, uint8 normalisation and metric accumulation on cuda, evaluate with GPU actors vs CPU);
 #   3. the pipeline benchmark on cuda: bare forward vs in-memory method.score vs one actor's work in
-#      process vs `evaluate` with one actor per GPU running one and two shard calls at once, shards of
-#      128 and 512, batch 32, 4,096 images (PIPELINE_IMAGES; PIPELINE_ARGS replaces the shard, calls and
-#      profile arguments) (the target: evaluate keeps >= 85% of the bare GPU forward);
+#      process vs `evaluate` with one and with two actors per GPU, each running two shard calls at once,
+#      shards of 512, batch 32, 4,096 images (PIPELINE_IMAGES; PIPELINE_ARGS replaces the shard, calls,
+#      actors and profile arguments) (the target: evaluate keeps >= 85% of the bare GPU forward);
 #   4. the matching benchmark's exact table with the blocked torch search on cuda and FAISS-GPU flat;
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # AB_TREE (a directory holding another tree of the repository, e.g. an earlier commit's `git archive`)
@@ -95,14 +95,14 @@ if wants pipeline; then
         step pipeline_a "${PIPELINE_LIMIT:-240}" env -C "$AB_TREE" PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" \
             "$py_a" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
             --batch-size 32 --image-size 224 --actors 1 \
-            ${AB_PIPELINE_ARGS:-${PIPELINE_ARGS:---shard-size 128 512 --gpu-calls 1 2 --actor-profile}}
+            ${AB_PIPELINE_ARGS:-${PIPELINE_ARGS:---shard-size 512 --gpu-calls 2 --actor-profile --actors 1 2}}
         grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline_a.log" | sed "s|^|A ($AB_TREE): |" \
             | tee -a "$SUMMARY"
     fi
     # shellcheck disable=SC2086
     step pipeline "${PIPELINE_LIMIT:-240}" "$PY" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
         --batch-size 32 --image-size 224 --actors 1 \
-        ${PIPELINE_ARGS:---shard-size 128 512 --gpu-calls 1 2 --actor-profile}
+        ${PIPELINE_ARGS:---shard-size 512 --gpu-calls 2 --actor-profile --actors 1 2}
     grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline.log" | tee -a "$SUMMARY"
 fi
 
