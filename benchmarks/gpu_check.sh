@@ -11,6 +11,7 @@
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # AB_TREE (a directory holding another tree of the repository, e.g. an earlier commit's `git archive`)
 # runs step 3 from that tree first, with AB_PIPELINE_ARGS (default PIPELINE_ARGS): an A/B on one machine.
+# A tree before dd7dc16 gives every actor a whole GPU: give it AB_PIPELINE_ARGS with `--actors 1`.
 # PIPELINE_LIMIT: the pipeline step's time limit in seconds (default 240).
 # Each step has its own time limit; a failing step is reported and the next one still runs. Output:
 # one log per step and `summary.txt` under $OUT (default ./gpu_check_out), the summary also printed.
