@@ -86,25 +86,27 @@ if wants pytest_gpu; then
     grep -E "^(SKIPPED|FAILED|ERROR)|passed|failed|error|skipped|deselected" "$OUT/pytest_gpu.log" | tail -n 12 | tee -a "$SUMMARY"
 fi
 
+PIPELINE_ARGS=${PIPELINE_ARGS:---shard-size 512 --gpu-calls 2 --actor-profile --actors 1 2}
+pipeline_step() {  # pipeline_step NAME PREFIX ARGS LAUNCHER...: the pipeline benchmark on cuda, summarised
+    local name=$1 prefix=$2 args=$3
+    shift 3
+    # shellcheck disable=SC2086
+    step "$name" "${PIPELINE_LIMIT:-240}" "$@" benchmarks/pipeline.py --device cuda \
+        --images "${PIPELINE_IMAGES:-4096}" --batch-size 32 --image-size 224 --actors 1 $args
+    grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/$name.log" | sed "s|^|$prefix|" \
+        | tee -a "$SUMMARY"
+}
+
 if wants pipeline; then
     if [ -n "${AB_TREE:-}" ]; then
         # an A/B in one run: the same step first from another tree (e.g. `git archive` of an earlier
         # commit, carried to the machine), run from that tree with only it on the path (Ray's workers too)
         py_a=$PY
         case "$PY" in */*) py_a="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
-        # shellcheck disable=SC2086
-        step pipeline_a "${PIPELINE_LIMIT:-240}" env -C "$AB_TREE" PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" \
-            "$py_a" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
-            --batch-size 32 --image-size 224 --actors 1 \
-            ${AB_PIPELINE_ARGS:-${PIPELINE_ARGS:---shard-size 512 --gpu-calls 2 --actor-profile --actors 1 2}}
-        grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline_a.log" | sed "s|^|A ($AB_TREE): |" \
-            | tee -a "$SUMMARY"
+        pipeline_step pipeline_a "A ($AB_TREE): " "${AB_PIPELINE_ARGS:-$PIPELINE_ARGS}" env -C "$AB_TREE" \
+            PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" "$py_a"
     fi
-    # shellcheck disable=SC2086
-    step pipeline "${PIPELINE_LIMIT:-240}" "$PY" benchmarks/pipeline.py --device cuda --images "${PIPELINE_IMAGES:-4096}" \
-        --batch-size 32 --image-size 224 --actors 1 \
-        ${PIPELINE_ARGS:---shard-size 512 --gpu-calls 2 --actor-profile --actors 1 2}
-    grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/pipeline.log" | tee -a "$SUMMARY"
+    pipeline_step pipeline "" "$PIPELINE_ARGS" "$PY"
 fi
 
 if wants matching; then

@@ -378,7 +378,7 @@ def _gpu_share(device: str, actors: int) -> float | None:
     return min(1.0, torch.cuda.device_count() / actors) if device.startswith("cuda") else None
 
 
-def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
+def _actor_profile(config) -> dict[str, float]:
     """Seconds per image of one scoring actor's work, in process and one shard after another (no Ray):
     decoding (`prepare_shard`, a CPU task in the pipeline), scoring (`ScoringActor.score_shard`: forward,
     matching, the batches' metric reduction) and the rest of the call (the shard's metric state, results
@@ -392,7 +392,7 @@ def _actor_profile(config, name: str = "actor-profile") -> dict[str, float]:
     from workflows.pipelines import evaluate
     from workflows.pipelines.scoring import ScoringActor, ShardOutputs, prepare_shard
 
-    fresh = _fresh_output(config, name)
+    fresh = _fresh_output(config, "actor-profile")
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0
     reductions = _ComponentTimer(None)  # inside scoring: the batches' reduction and its parts
     real_score = actor.score_shard
