@@ -390,7 +390,8 @@ def _actor_profile(config) -> dict[str, float]:
     from residual_core.metrics import accumulator
     from residual_core.metrics.device_fold import DeviceFold
     from workflows.pipelines import evaluate
-    from workflows.pipelines.scoring import ScoringActor, ShardOutputs, prepare_shard
+    from workflows.pipelines.scoring import ScoringActor, prepare_shard
+    from workflows.pipelines.shard_outputs import ShardOutputs
 
     fresh = _fresh_output(config, "actor-profile")
     actor, seconds, images = ScoringActor(batch_size=config.evaluate.batch_size), [], 0

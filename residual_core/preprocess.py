@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch is imported lazily, as in residual_core.images
 
 Mean = tuple[float, float, float]
 UINT8_LEVELS = 256
+HALF_LEVEL = 127  # 8-bit levels above it are > 0.5 after ToTensor's / 255
 
 
 class PreprocessError(ValueError):
@@ -90,6 +91,20 @@ class Preprocess:
 
     def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
         """Boolean mask [H, W] (None: all normal) -> float32 tensor [1, S, S] in {0, 1}."""
+        import torch
+
+        return torch.from_numpy(self.mask_array(mask, size)).float()[None]
+
+    def mask_array(self, mask: np.ndarray | None, size: int) -> np.ndarray:
+        """Boolean mask [H, W] (None: all normal) -> bool [S, S]: `mask()` without torch, the form
+        the decode tasks ship (no per-image tensor work there)."""
+        size = _check_size(size)
+        if mask is None:
+            return np.zeros((size, size), dtype=bool)
+        return self.resampled_mask(mask, size)
+
+    def resampled_mask(self, mask: np.ndarray, size: int) -> np.ndarray:
+        """A given mask [H, W] -> bool [S, S], as the preset's authors resample and threshold it."""
         raise NotImplementedError
 
     def display(self, image: Image.Image, size: int) -> np.ndarray:
@@ -106,15 +121,10 @@ class SquarePil(Preprocess):
     def pixels(self, image: Image.Image, size: int) -> Image.Image:
         return _pil_resize(image, (size, size), Image.Resampling.BICUBIC)
 
-    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
-        import torch
-
-        size = _check_size(size)
-        if mask is None:
-            return torch.zeros(1, size, size)
+    def resampled_mask(self, mask: np.ndarray, size: int) -> np.ndarray:
         resized = _pil_resize(_mask_image(mask), (size, size), Image.Resampling.BILINEAR)
-        unit = _to_unit_tensor(resized)  # as ToTensor: uint8 / 255 in float32
-        return (unit > 0.5).float()
+        # ToTensor's level / 255 (float32) > 0.5 holds exactly for the levels above 127
+        return np.asarray(resized) > HALF_LEVEL
 
 
 class ShortSideCropPil(Preprocess):
@@ -165,14 +175,8 @@ class ShortSideCropPil(Preprocess):
     def pixels(self, image: Image.Image, size: int) -> Image.Image:
         return self._geometry(image, size, self.IMAGE_RESAMPLE)
 
-    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
-        import torch
-
-        size = _check_size(size)
-        if mask is None:
-            return torch.zeros(1, size, size)
-        cropped = self._geometry(_mask_image(mask), size, self.MASK_RESAMPLE)
-        return torch.from_numpy(self.mask_pixels(np.asarray(cropped))).float()[None]
+    def resampled_mask(self, mask: np.ndarray, size: int) -> np.ndarray:
+        return self.mask_pixels(np.asarray(self._geometry(_mask_image(mask), size, self.MASK_RESAMPLE)))
 
 
 class PatchCorePil(ShortSideCropPil):
@@ -206,8 +210,8 @@ class TorchBicubic(Preprocess):
               std: Mean = IMAGENET_STD) -> torch.Tensor:
         return image_to_tensor(image, _check_size(size), mean, std)
 
-    def mask(self, mask: np.ndarray | None, size: int) -> torch.Tensor:
-        return mask_to_tensor(mask, _check_size(size))
+    def resampled_mask(self, mask: np.ndarray, size: int) -> np.ndarray:
+        return mask_to_tensor(mask, size)[0].numpy() > 0.5
 
     def pixels(self, image: Image.Image, size: int) -> Image.Image:
         import torch
@@ -251,16 +255,6 @@ def _mask_image(mask: np.ndarray) -> Image.Image:
     if array.ndim != 2:
         raise PreprocessError(f"mask must be a 2-D array [H, W], got shape {array.shape}")
     return Image.fromarray((array != 0).astype(np.uint8) * 255, mode="L")
-
-
-def _to_unit_tensor(image: Image.Image) -> torch.Tensor:
-    """torchvision `ToTensor` for 8-bit images: [C, H, W] float32 in [0, 1]."""
-    import torch
-
-    array = np.array(image, dtype=np.uint8, copy=True)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
 
 
 def normalise_uint8(pixels: torch.Tensor, mean: Mean, std: Mean) -> torch.Tensor:

@@ -105,9 +105,10 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     batch_size: int = 8
-    num_actors: int = 1
+    num_actors: int | None = None  # None: one per GPU share when the cluster has GPUs, else 1
     shard_size: int = 64  # images per idempotent shard
-    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    num_gpus_per_actor: float | None = None  # None: 1 / actors_per_gpu when the cluster has GPUs, else 0
+    actors_per_gpu: int = 2  # GPU actors per GPU unless num_gpus_per_actor says otherwise (operations.md)
     save_maps: str = "none"  # none | sample | all
     map_sample_fraction: float = 0.1  # with save_maps=sample: deterministic fraction of images
     map_dtype: str = "float16"  # saved maps: float16 (a quarter of float32's bytes) or float32 (exact)
@@ -115,7 +116,7 @@ class EvaluateConfig:
     stop_after_shards: int | None = None  # test hook: stop after committing this many shards
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "num_actors", "shard_size"):
+        for key in ("batch_size", "num_actors", "shard_size", "actors_per_gpu"):
             _at_least(f"evaluate.{key}", getattr(self, key), 1)
         _at_least("evaluate.num_gpus_per_actor", self.num_gpus_per_actor, 0)
         _at_least("evaluate.max_retries", self.max_retries, 0)

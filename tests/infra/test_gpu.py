@@ -34,12 +34,13 @@ def test_evaluate_with_gpu_actors_matches_cpu(tmp_path):
     from tests.faults.helpers import assert_same_metrics, config, result_rows
     from tests.workflows.pipelines.tiny_data import write_tiny
     from workflows.pipelines.evaluate import run_evaluate
-    from workflows.pipelines.ray_runtime import gpus_per_worker
+    from workflows.pipelines.ray_runtime import ActorPlan, gpus_per_worker, scoring_actors
 
     data = write_tiny(str(tmp_path / "data"), n_train=2, n_normal=3, n_anomalous=3)
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
-        assert gpus_per_worker(None) == 1.0  # actors ask for a GPU when the cluster has one
+        assert gpus_per_worker(None) == 1.0  # bank and training tasks ask for a GPU when the cluster has one
+        assert scoring_actors(None, None, 2) == ActorPlan(2, 0.5, 1.0)  # two scoring actors share it
         (on_gpu,) = run_evaluate(config(data, str(tmp_path / "gpu"), "device=auto"), progress=False)
         (on_cpu,) = run_evaluate(config(data, str(tmp_path / "cpu"), "device=cpu",
                                         "evaluate.num_gpus_per_actor=0"), progress=False)

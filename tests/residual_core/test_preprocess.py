@@ -20,6 +20,7 @@ T = pytest.importorskip("torchvision.transforms")
 from residual_core.images import decode_image, decode_mask, image_to_tensor, mask_to_tensor  # noqa: E402
 from residual_core.methods import MethodError, method_preprocess  # noqa: E402
 from residual_core.preprocess import (  # noqa: E402
+    HALF_LEVEL,
     PREPROCESS_NAMES,
     PreprocessError,
     View,
@@ -175,9 +176,17 @@ def test_resad_mask_equals_nearest_resize_and_centre_crop(shape, high, visa):
     assert (got - expected).abs().max().item() <= TOL
 
 
+def test_res2clip_threshold_on_levels_is_totensor_over_half():
+    """Its masks are thresholded on the 8-bit levels: above 127 is exactly ToTensor's level / 255 > 0.5."""
+    levels = np.arange(256, dtype=np.uint8)
+    unit = torch.from_numpy(levels).to(torch.float32).div(255)
+    assert np.array_equal(levels > HALF_LEVEL, (unit > 0.5).numpy())
+
+
 @pytest.mark.parametrize("name", PREPROCESS_NAMES)
 def test_no_mask_is_all_normal(name):
     assert torch.equal(get_preprocess(name).mask(None, S), torch.zeros(1, S, S))
+    assert np.array_equal(get_preprocess(name).mask_array(None, S), np.zeros((S, S), bool))
 
 
 # --------------------------------------------------------------------- geometry, display, registry

@@ -24,17 +24,40 @@ def image_dtype(preset) -> np.dtype:
 
 
 def image_input(preset, image, job) -> np.ndarray:
-    """One decoded image as it travels: uint8 [3, S, S] pixels or normalised float32 [3, S, S]."""
+    """One decoded image as it travels: uint8 [3, S, S] pixels (a channel-first view of the preset's
+    picture, copied once, into the shard's array) or normalised float32 [3, S, S]."""
     if preset.EIGHT_BIT_EXACT:
-        return preset.pixels_chw(image, job.image_size)
+        return preset.display(image, job.image_size).transpose(2, 0, 1)
     return preset.image(image, job.image_size, tuple(job.mean), tuple(job.std)).numpy()
 
 
-def stack_images(images: list[np.ndarray], preset, size: int) -> np.ndarray:
-    """[N, 3, S, S] of the preset's transport dtype; [0, 3, S, S] for a shard with nothing kept."""
-    if images:
-        return np.stack(images)
-    return np.zeros((0, IMAGE_CHANNELS, size, size), image_dtype(preset))
+def image_rows(preset, size: int, capacity: int) -> RowStack:
+    """The shard's images [N, 3, S, S] in the preset's transport dtype, filled row by row."""
+    return RowStack((IMAGE_CHANNELS, size, size), image_dtype(preset), capacity)
+
+
+class RowStack:
+    """Rows of one shape copied into one preallocated array as they come (doubled when full): each row is
+    copied once, and no list of rows is stacked at the end."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype, capacity: int) -> None:
+        self._rows = np.empty((max(0, int(capacity)), *row_shape), dtype=dtype)
+        self._count = 0
+
+    def append(self, row: np.ndarray) -> None:
+        if self._count == len(self._rows):
+            grown = np.empty((max(1, 2 * len(self._rows)), *self._rows.shape[1:]), self._rows.dtype)
+            grown[:self._count] = self._rows
+            self._rows = grown
+        self._rows[self._count] = row
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def array(self) -> np.ndarray:
+        """[count, *row_shape], C-contiguous, its own memory (copied only when rows were left unused)."""
+        return self._rows if self._count == len(self._rows) else self._rows[:self._count].copy()
 
 
 def model_input(images: np.ndarray, mean, std, device: str = "cpu"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import ray
 
@@ -31,6 +32,7 @@ RAY_DATA_CONSOLE_LEVEL = "WARNING"
 # holds a few hundred MB.
 IDLE_WORKERS_BEYOND_CPUS = 6
 SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"  # the user's own setting wins
+SHARE_SLACK = 1e-6  # GPUs / share: 3 actors of 1/3 GPU fit one GPU despite float rounding
 GPU_ACTOR_CPUS = 1.0  # a GPU scoring actor's CPU share: Ray Data's default beside a GPU (`actor_resources`)
 
 
@@ -154,11 +156,30 @@ def actor_cpus(num_actors: int) -> float:
     return max(0.25, min(1.0, (cpus - 0.5) / max(1, num_actors)))
 
 
-def scoring_actor_share(num_gpus_per_actor: float | None, num_actors: int) -> tuple[float, float]:
-    """(GPUs, CPUs) of each scoring actor of `evaluate` and `scan`: a GPU actor gets `GPU_ACTOR_CPUS`
-    beside its GPUs, a CPU actor its share of the cluster's CPUs (`actor_cpus`)."""
-    num_gpus = gpus_per_worker(num_gpus_per_actor)
-    return num_gpus, GPU_ACTOR_CPUS if num_gpus else actor_cpus(num_actors)
+@dataclass(frozen=True)
+class ActorPlan:
+    """The scoring actors of one `evaluate` or `scan` run: how many, and each one's GPUs and CPUs."""
+
+    actors: int
+    gpus: float
+    cpus: float
+
+
+def scoring_actors(num_actors: int | None, num_gpus_per_actor: float | None,
+                   actors_per_gpu: int) -> ActorPlan:
+    """The scoring actors for the `evaluate` settings. GPU share: `num_gpus_per_actor` when given, else
+    1 / `actors_per_gpu` on a cluster with GPUs (a GPU actor is bound by its one process, not the GPU:
+    benchmarks/RESULTS.md, ninth pass), else 0. Count: `num_actors` when given, else every GPU share the
+    cluster has (GPUs / share) or, without GPUs, one actor. CPUs: `GPU_ACTOR_CPUS` beside GPUs, else the
+    actor's share of the cluster's CPUs (`actor_cpus`)."""
+    gpus = cluster_gpus()
+    if num_gpus_per_actor is not None:
+        share = float(num_gpus_per_actor)
+    else:
+        share = 1.0 / actors_per_gpu if gpus >= 1 else 0.0
+    if num_actors is None:
+        num_actors = max(1, int(gpus / share + SHARE_SLACK)) if share else 1
+    return ActorPlan(int(num_actors), share, GPU_ACTOR_CPUS if share else actor_cpus(num_actors))
 
 
 def torch_threads(num_cpus: float) -> int:

@@ -225,10 +225,10 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
     if not todo:
         return stats
     ev = config.evaluate
-    num_gpus, actor_cpus = ray_runtime.scoring_actor_share(ev.num_gpus_per_actor, ev.num_actors)
+    plan = ray_runtime.scoring_actors(ev.num_actors, ev.num_gpus_per_actor, ev.actors_per_gpu)
     start = time.perf_counter()
-    rows = run_scoring([(job, s) for s in todo], batch_size=ev.batch_size, num_actors=ev.num_actors,
-                       num_gpus_per_actor=num_gpus, actor_num_cpus=actor_cpus,
+    rows = run_scoring([(job, s) for s in todo], batch_size=ev.batch_size, num_actors=plan.actors,
+                       num_gpus_per_actor=plan.gpus, actor_num_cpus=plan.cpus,
                        max_retries=ev.max_retries, prepare_fn=prepare_scan_shard, actor_cls=ScanActor,
                        prepare_memory=_fit_to_nodes(job.extra.get("decode_memory")))
     with tqdm(total=sum(s.size for s in todo), unit="img", desc=desc, disable=not progress,

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from workflows.pipelines.prepared import PreparedShard, image_input, stack_images
+from workflows.pipelines.prepared import PreparedShard, image_input, image_rows
 from workflows.pipelines.raw_images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_READ_TIMEOUT_S,
@@ -71,7 +71,7 @@ def prepare_scan_shard(task: dict) -> dict:
     timeout_s = float(job.extra.get("read_timeout_s") or DEFAULT_READ_TIMEOUT_S)
     draft = (JPEG_DRAFT_FACTOR * size,) * 2 if job.extra.get("jpeg_draft") else None
     has_bank = f"{shard.dataset}/{shard.category}" in job.banks
-    images, kept, skipped = [], [], []
+    images, kept, skipped = image_rows(preset, size, shard.size if has_bank else 0), [], []
     if not has_bank:  # nothing to compare with: skip without reading the images
         reason = f"no references for category {shard.category}"
         items = iter([(key, None, reason, None) for key in _keys_only(shard)])
@@ -86,7 +86,7 @@ def prepare_scan_shard(task: dict) -> dict:
         try:
             image, original = decode_image_reduced(data, max_pixels=max_pixels, draft_size=draft,
                                                    reduce_over_limit=True)
-            images.append(image_input(preset, image, job))
+            pixels = image_input(preset, image, job)
         except ImageDecodeError as exc:
             skipped.append({**row, "reason": one_line(exc.reason)})
             continue
@@ -97,9 +97,10 @@ def prepare_scan_shard(task: dict) -> dict:
         if image.size != original:  # decoded reduced: the view in the original's pixels
             sx, sy = original[0] / image.size[0], original[1] / image.size[1]
             view = View(view.left * sx, view.top * sy, view.width * sx, view.height * sy)
+        images.append(pixels)
         kept.append({**row, "width": original[0], "height": original[1], "view": view.as_tuple()})
-        del image  # one decoded image at a time
-    return PreparedShard(stack_images(images, preset, size), kept, skipped).to_row(task)
+        del image, pixels  # one decoded image at a time
+    return PreparedShard(images.array(), kept, skipped).to_row(task)
 
 
 def _keys_only(shard: ScanShard) -> list[str]:

@@ -19,7 +19,8 @@ import numpy as np
 
 from workflows import storage
 from workflows.pipelines.commits import ShardStore
-from workflows.pipelines.scoring import ScoringJob, ShardOutputs, unpack_raw
+from workflows.pipelines.scoring import ScoringJob
+from workflows.pipelines.shard_outputs import ShardOutputs, unpack_raw
 from workflows.pipelines.shards import Shard
 
 REDUCE_BATCH = 32  # images finished at once (maps at full resolution: ~6 MB at 224 px)

@@ -108,7 +108,7 @@ def test_evaluate_jobs_carry_the_method_preset_and_prepare_shard_applies_it(tmp_
     monkeypatch.setattr(evaluate_module, "ensure_banks", fake_banks)
     monkeypatch.setattr(evaluate_module, "run_scoring", fake_scoring)
     monkeypatch.setattr("workflows.pipelines.ray_runtime.actor_cpus", lambda num_actors: 1.0)
-    monkeypatch.setattr("workflows.pipelines.ray_runtime.gpus_per_worker", lambda requested: 0)
+    monkeypatch.setattr("workflows.pipelines.ray_runtime.cluster_gpus", lambda: 0.0)
     specs = [EvalSpec(("shapes",), MethodConfig("resadpp"), 1, 0),
              EvalSpec(("shapes",), MethodConfig("baseline"), 1, 0)]
     run_evaluations(config, specs, progress=False)
@@ -138,3 +138,18 @@ def test_evaluate_jobs_carry_the_method_preset_and_prepare_shard_applies_it(tmp_
 
 def _prepared(job: ScoringJob, shard) -> PreparedShard:
     return PreparedShard.from_row(prepare_shard({"job": job.to_json(), "shard": json.dumps(shard.to_dict())}))
+
+
+def test_row_stack_grows_and_keeps_only_the_rows_appended():
+    from workflows.pipelines.prepared import RowStack
+
+    rows = [np.full((2, 3), i, np.uint8) for i in range(5)]
+    for capacity in (0, 2, 5, 8):  # grown from nothing, grown twice, exact, rows left unused
+        stack = RowStack((2, 3), np.uint8, capacity)
+        for row in rows:
+            stack.append(row)
+        array = stack.array()
+        assert len(stack) == 5 and array.shape == (5, 2, 3)
+        assert array.flags.c_contiguous and array.flags.owndata
+        assert np.array_equal(array, np.stack(rows))
+    assert RowStack((2, 3), np.float32, 4).array().shape == (0, 2, 3)

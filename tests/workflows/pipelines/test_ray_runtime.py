@@ -70,3 +70,22 @@ def test_a_gpu_device_computes_in_full_float32(device):
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(("gpus", "settings", "expected"), [
+    (0.0, (None, None, 2), (1, 0.0, "cpu share")),  # no GPUs: one CPU actor, as before
+    (0.0, (3, None, 2), (3, 0.0, "cpu share")),
+    (1.0, (None, None, 2), (2, 0.5, 1.0)),  # by default two actors share each GPU
+    (8.0, (None, None, 2), (16, 0.5, 1.0)),
+    (1.0, (None, None, 3), (3, 1 / 3, 1.0)),  # three thirds fit one GPU despite the rounding
+    (2.0, (None, 1.0, 2), (2, 1.0, 1.0)),  # a GPU share given: as many actors as shares
+    (2.0, (5, 0.25, 2), (5, 0.25, 1.0)),  # both given: as given
+    (4.0, (None, 0.0, 2), (1, 0.0, "cpu share")),  # CPU actors asked for on a GPU cluster
+])
+def test_scoring_actors_fill_the_cluster_unless_told(monkeypatch, gpus, settings, expected):
+    from workflows.pipelines import ray_runtime
+
+    monkeypatch.setattr(ray_runtime, "cluster_gpus", lambda: gpus)
+    monkeypatch.setattr(ray_runtime, "actor_cpus", lambda num_actors: "cpu share")
+    plan = ray_runtime.scoring_actors(*settings)
+    assert (plan.actors, plan.gpus, plan.cpus) == expected

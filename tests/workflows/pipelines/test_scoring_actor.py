@@ -115,6 +115,41 @@ def test_uint8_transport_scores_exactly_as_float32(tiny, method, monkeypatch):
             _assert_same_arrays(u8.raw(shard.shard_id), f32.raw(shard.shard_id))
 
 
+@pytest.mark.parametrize("held_pixels", [1, 2 * BATCH * 64 * 64, 1 << 40], ids=["each", "two", "shard"])
+def test_held_batches_reduce_to_the_state_of_one_batch_at_a_time(tiny, monkeypatch, held_pixels):
+    """A GPU actor holds its maps and reduces several batches at once (`shard_outputs`): forced here on
+    CPU tensors, every shard commits the same metric state, bit for bit, as reducing batch by batch."""
+    from workflows.pipelines import shard_outputs
+
+    job, shards = score_shards(tiny, BASELINE, "one-at-a-time", eight_bit=True, monkeypatch=monkeypatch)
+    monkeypatch.setattr(shard_outputs.ShardOutputs, "holds", staticmethod(lambda maps: True))
+    monkeypatch.setattr(shard_outputs, "DEVICE_REDUCTION_PIXELS", held_pixels)
+    held_job = make_job(tiny, BASELINE, f"held-{held_pixels}")
+    actor = ScoringActor(batch_size=BATCH)
+    for shard in shards:
+        actor(prepare_shard(task(held_job, shard)))
+    one, held = ShardStore(job.job_url), ShardStore(held_job.job_url)
+    assert one.read_results().equals(held.read_results())
+    for shard in shards:
+        _assert_same_tree(one.state(shard.shard_id), held.state(shard.shard_id))
+
+
+def _assert_same_tree(left, right) -> None:
+    """Nested dicts / lists of plain values and numpy arrays, equal exactly (dtypes too)."""
+    if isinstance(left, dict):
+        assert isinstance(right, dict) and sorted(left) == sorted(right)
+        for key in left:
+            _assert_same_tree(left[key], right[key])
+    elif isinstance(left, np.ndarray):
+        assert left.dtype == right.dtype and np.array_equal(left, right)
+    elif isinstance(left, list | tuple):
+        assert len(left) == len(right)
+        for a, b in zip(left, right, strict=True):
+            _assert_same_tree(a, b)
+    else:
+        assert left == right
+
+
 def test_a_shard_with_nothing_kept_crosses_as_an_empty_uint8_batch(tiny):
     job = make_job(tiny, BASELINE, "empty")
     shard = shards_of(tiny)[0]
@@ -123,6 +158,31 @@ def test_a_shard_with_nothing_kept_crosses_as_an_empty_uint8_batch(tiny):
     assert row["images"].shape == (0, 3, job.image_size, job.image_size) and row["images"].dtype == np.uint8
     summary = json.loads(ScoringActor(batch_size=BATCH)(row)["summary"])
     assert summary["images"] == 0 and ShardStore(job.job_url).is_done(empty.shard_id)
+
+
+def test_a_prepared_shard_holds_each_kept_rows_preset_pixels_and_mask(tiny):
+    """The decode task writes images and masks straight into the shard's arrays: row i is the preset's
+    picture and thresholded mask of kept row i, the corrupt row left out (not a hole, not shifted)."""
+    from residual_core.images import decode_image, decode_mask
+    from residual_core.preprocess import get_preprocess
+
+    job = make_job(tiny, BASELINE, "prepared-rows")
+    preset, size = get_preprocess(job.preprocess), job.image_size
+    table = {r["image_id"]: r for r in read_table(tiny[1], filters=[
+        ("dataset", "==", DATASET), ("category", "==", CATEGORY), ("split", "==", "test")]).to_pylist()}
+    skipped = 0
+    for shard in shards_of(tiny):
+        row = prepare_shard(task(job, shard))
+        rows = json.loads(row["rows"])
+        skipped += len(rows["skipped"])
+        assert row["images"].shape == (len(rows["kept"]), 3, size, size) and row["images"].flags.owndata
+        for i, kept in enumerate(rows["kept"]):
+            source = table[kept["image_id"]]
+            image = decode_image(source["image"])
+            mask = None if source["mask"] is None else decode_mask(source["mask"], image.size)
+            assert np.array_equal(row["images"][i], preset.pixels_chw(image, size))
+            assert np.array_equal(row["masks"][i], preset.mask(mask, size)[0].numpy().astype(np.uint8))
+    assert skipped == 1
 
 
 def _metrics(state: dict) -> dict:
@@ -140,7 +200,7 @@ def _assert_same_arrays(left: dict, right: dict) -> None:
 def test_a_failure_in_the_background_reduction_fails_the_shard(tiny, monkeypatch):
     """`ShardOutputs.add` raising on the second batch (in the worker thread): the actor call raises that
     error, nothing of the shard is committed, and the next call (a retry) commits it."""
-    from workflows.pipelines.scoring import ShardOutputs
+    from workflows.pipelines.shard_outputs import ShardOutputs
 
     job = make_job(tiny, BASELINE, "failing")
     shard = shards_of(tiny)[0]
