@@ -1,18 +1,10 @@
 """One shard's products as the scoring actor and the per-category reduce build and commit them: per-image
 and per-branch scores, saved maps, and the metric state (a `GroupedAccumulator`: the normals and each
-defect type apart, `metric_groups`); and the raw outputs of set-normalised methods (`pack_raw`).
-
-Maps on a GPU are held on the device and reduced into the metric state a few batches at a time
-(`DEVICE_REDUCTION_PIXELS`): the state depends only on the multiset of (score, label, pixel) samples
-(`residual_core.metrics.accumulator`), so reducing several batches at once gives the same state, and a
-GPU actor's per-reduction costs (host work, synchronisations, one pass per group) are paid once per
-several batches instead of once per batch. CPU maps are reduced batch by batch, as they come.
-"""
+defect type apart, `metric_groups`); and the raw outputs of set-normalised methods (`pack_raw`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,52 +14,12 @@ from workflows.pipelines.metric_groups import group_of
 from workflows.pipelines.shards import Shard
 
 if TYPE_CHECKING:
-    import torch
-
     from workflows.pipelines.scoring import ScoringJob
-
-# a GPU actor reduces its held maps once they hold this many pixels (float32: 32 MiB), e.g. every 6th
-# batch of 32 maps of 224 x 224
-DEVICE_REDUCTION_PIXELS = 1 << 23
 
 
 def _sampled(image_id: str, fraction: float) -> bool:
     """Deterministic per-image sample (same images whatever the shards or actors)."""
     return int(image_id[:8], 16) / 0xFFFFFFFF < fraction
-
-
-@dataclass
-class _Labelled:
-    """The labelled rows of one or more batches, waiting to be reduced into the metric state, ordered by
-    group (each group's rows one run, so the accumulator takes views, not copies)."""
-
-    groups: list[str]
-    scores: torch.Tensor
-    labels: torch.Tensor
-    maps: torch.Tensor  # on the scoring device
-    masks: torch.Tensor  # bool, on the CPU
-    has_mask: torch.Tensor
-
-    @property
-    def pixels(self) -> int:
-        return self.maps.numel()
-
-    @classmethod
-    def joined(cls, parts: list[_Labelled]) -> _Labelled:
-        """Several batches' rows as one, reordered by group (stable: batch order within a group)."""
-        import torch
-
-        if len(parts) == 1:
-            return parts[0]
-        groups = [name for part in parts for name in part.groups]
-        order = sorted(range(len(groups)), key=groups.__getitem__)
-        index = torch.tensor(order)
-
-        def rows(name: str) -> torch.Tensor:
-            values = torch.cat([getattr(part, name) for part in parts])
-            return values[index.to(values.device)]
-
-        return cls([groups[i] for i in order], *map(rows, ("scores", "labels", "maps", "masks", "has_mask")))
 
 
 class ShardOutputs:
@@ -84,7 +36,6 @@ class ShardOutputs:
         self.image_scores: list[np.ndarray] = []
         self.branch_scores: dict[str, list[np.ndarray]] = {}
         self.maps: dict[str, np.ndarray] = {}
-        self._held: list[_Labelled] = []  # labelled device batches not yet reduced
 
     def add(self, start: int, out, masks: np.ndarray) -> None:
         """The ScoreOutput of kept rows [start, start + B) with their masks [B, S, S] (uint8/bool)."""
@@ -101,45 +52,27 @@ class ShardOutputs:
         labelled = sorted(groups, key=groups.__getitem__)  # by group: each group's maps a view, not a copy
         if labelled:
             index = torch.tensor(labelled)
-            self._held.append(_Labelled(
+            self.accumulator.update(
                 [groups[i] for i in labelled],
                 scores[index],
                 torch.tensor([rows[i]["label"] for i in labelled]),
                 anomaly_maps[index.to(anomaly_maps.device)],  # on a GPU actor reduced there (same state)
                 torch.from_numpy(np.asarray(masks[: len(rows)])).bool()[index],
                 torch.tensor([rows[i]["has_mask"] for i in labelled]),
-            ))
-            held_pixels = sum(part.pixels for part in self._held)
-            if not self.holds(anomaly_maps) or held_pixels >= DEVICE_REDUCTION_PIXELS:
-                self.reduce_held()
+            )
         if self.job.save_maps != "none":
             for i, row in enumerate(rows):
                 if self.job.save_maps == "all" or _sampled(row["image_id"], self.job.map_sample_fraction):
                     self.maps[row["image_id"]] = anomaly_maps[i].cpu().numpy().astype(self.job.map_dtype)
 
-    @staticmethod
-    def holds(maps: torch.Tensor) -> bool:
-        """Whether batches of these maps are held and reduced several at once: on a device, not the CPU."""
-        return maps.device.type != "cpu"
-
-    def reduce_held(self) -> None:
-        """Reduce the held batches into the metric state (one update: every group's rows one run)."""
-        if not self._held:
-            return
-        batch, self._held = _Labelled.joined(self._held), []
-        self.accumulator.update(batch.groups, batch.scores, batch.labels, batch.maps, batch.masks,
-                                batch.has_mask)
-
     def commit(self, store: ShardStore, shard: Shard, skipped: list[dict], summary: dict,
                raw: dict[str, np.ndarray] | None = None) -> None:
         """The actor's commit: outputs, raw outputs when given, then the shard's marker."""
-        self.reduce_held()
         results = _results_table(shard, self.kept, skipped, self.image_scores, self.branch_scores)
         store.commit(shard, results, self.accumulator.state_dict(), self.maps, summary, raw)
 
     def rewrite(self, store: ShardStore, shard: Shard, skipped: list[dict]) -> None:
         """The reduce step's write: a committed shard's results, state and maps, finished."""
-        self.reduce_held()
         results = _results_table(shard, self.kept, skipped, self.image_scores, self.branch_scores)
         store.write_outputs(shard.shard_id, results, self.accumulator.state_dict(), self.maps)
 

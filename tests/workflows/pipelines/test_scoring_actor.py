@@ -115,41 +115,6 @@ def test_uint8_transport_scores_exactly_as_float32(tiny, method, monkeypatch):
             _assert_same_arrays(u8.raw(shard.shard_id), f32.raw(shard.shard_id))
 
 
-@pytest.mark.parametrize("held_pixels", [1, 2 * BATCH * 64 * 64, 1 << 40], ids=["each", "two", "shard"])
-def test_held_batches_reduce_to_the_state_of_one_batch_at_a_time(tiny, monkeypatch, held_pixels):
-    """A GPU actor holds its maps and reduces several batches at once (`shard_outputs`): forced here on
-    CPU tensors, every shard commits the same metric state, bit for bit, as reducing batch by batch."""
-    from workflows.pipelines import shard_outputs
-
-    job, shards = score_shards(tiny, BASELINE, "one-at-a-time", eight_bit=True, monkeypatch=monkeypatch)
-    monkeypatch.setattr(shard_outputs.ShardOutputs, "holds", staticmethod(lambda maps: True))
-    monkeypatch.setattr(shard_outputs, "DEVICE_REDUCTION_PIXELS", held_pixels)
-    held_job = make_job(tiny, BASELINE, f"held-{held_pixels}")
-    actor = ScoringActor(batch_size=BATCH)
-    for shard in shards:
-        actor(prepare_shard(task(held_job, shard)))
-    one, held = ShardStore(job.job_url), ShardStore(held_job.job_url)
-    assert one.read_results().equals(held.read_results())
-    for shard in shards:
-        _assert_same_tree(one.state(shard.shard_id), held.state(shard.shard_id))
-
-
-def _assert_same_tree(left, right) -> None:
-    """Nested dicts / lists of plain values and numpy arrays, equal exactly (dtypes too)."""
-    if isinstance(left, dict):
-        assert isinstance(right, dict) and sorted(left) == sorted(right)
-        for key in left:
-            _assert_same_tree(left[key], right[key])
-    elif isinstance(left, np.ndarray):
-        assert left.dtype == right.dtype and np.array_equal(left, right)
-    elif isinstance(left, list | tuple):
-        assert len(left) == len(right)
-        for a, b in zip(left, right, strict=True):
-            _assert_same_tree(a, b)
-    else:
-        assert left == right
-
-
 def test_a_shard_with_nothing_kept_crosses_as_an_empty_uint8_batch(tiny):
     job = make_job(tiny, BASELINE, "empty")
     shard = shards_of(tiny)[0]
