@@ -45,6 +45,7 @@ BAD = [  # (command, overrides, words the one error line must contain)
     ("evaluate", ["evaluate.shard_size=0"], ["bad value 0 (evaluate.shard_size)", ">= 1"]),
     ("evaluate", ["evaluate.batch_size=0"], ["bad value 0 (evaluate.batch_size)"]),
     ("evaluate", ["evaluate.num_actors=0"], ["bad value 0 (evaluate.num_actors)"]),
+    ("evaluate", ["evaluate.actors_per_gpu=0"], ["bad value 0 (evaluate.actors_per_gpu)", ">= 1"]),
     ("evaluate", ["evaluate.save_maps=bogus"], ["(evaluate.save_maps)", "none, sample, all"]),
     ("evaluate", ["evaluate.map_dtype=bogus"], ["(evaluate.map_dtype)", "float16, float32"]),
     ("evaluate", ["evaluate.map_sample_fraction=0"], ["(evaluate.map_sample_fraction)", "(0, 1]"]),
