@@ -96,7 +96,7 @@ class ShardStore(CommitStore):
             self.write_npz(self._url("maps", shard_id, ".npz"), maps)
 
     def raw(self, shard_id: str) -> dict:
-        """The raw outputs (`scoring.pack_raw`) of a shard scored for a set-normalised method."""
+        """The raw outputs (`shard_outputs.pack_raw`) of a shard scored for a set-normalised method."""
         return self.read_npz(self._url("raw", shard_id, ".npz"))
 
     def reduced_url(self, dataset: str, category: str) -> str:

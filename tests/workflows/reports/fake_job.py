@@ -12,7 +12,7 @@ from PIL import Image
 from residual_core.metrics import MetricAccumulator
 from workflows.datasets.writer import write_dataset
 from workflows.pipelines.commits import ShardStore
-from workflows.pipelines.scoring import _results_table
+from workflows.pipelines.shard_outputs import _results_table
 from workflows.pipelines.shards import plan_shards, read_shard
 
 SIZE = 40
