@@ -101,7 +101,7 @@ def _sets(planted: dict, *items: str, output: str | None = None) -> list[str]:
 
 
 WORKER = """
-import logging, sys
+import logging, sys, threading
 from workflows import redaction
 redaction.register_urls_in(sys.argv[1:])
 import ray
@@ -115,11 +115,26 @@ def leak(url):
     logging.getLogger("residual-ad-test").warning("logged %s", url)
     raise ValueError(f"raised {url}")
 
+class Watch:
+    \"\"\"This driver's stdout, noting when Ray's log thread has forwarded the worker's print.\"\"\"
+    def __init__(self, stream):
+        self.stream, self.forwarded = stream, threading.Event()
+    def write(self, text):
+        if "printed " in text:
+            self.forwarded.set()
+        return self.stream.write(text)
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+sys.stdout = Watch(sys.stdout)
 try:
     ray.get(leak.remote(" ".join(sys.argv[1:])))
 except ValueError:
     pass
-print("SESSION", ray._private.worker._global_node.get_session_dir_path())
+sys.stdout.forwarded.wait(timeout=300)  # forwarding is asynchronous: wait for it, not for a fixed time
+# one write on its own line: Ray's log thread prints the workers' lines into this same stdout
+sys.stdout.write(f"\\nSESSION {ray._private.worker._global_node.get_session_dir_path()}\\n")
+sys.stdout.flush()
 """
 
 
@@ -139,7 +154,9 @@ def test_ray_workers_redact_what_they_print_log_and_raise(stack, planted, where,
         run = subprocess.run([sys.executable, "-c", WORKER, *urls], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        session = Path(run.stdout.split("SESSION ", 1)[1].split()[0])
+        found = re.search(r"^SESSION (\S+)$", run.stdout, re.MULTILINE)
+        assert found, f"no SESSION line in the driver's stdout:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        session = Path(found.group(1))
         assert session.is_dir() and list(session.rglob("worker-*.out"))
         files = [path for path in session.rglob("*") if path.is_file() and not path.is_symlink()]
         leaks = [f"{path}: {secret}" for path in files for secret in SECRETS
