@@ -7,6 +7,9 @@ import torch
 # Columns per chunk of `pruned_sparsemax_threshold`'s lower bound: small enough that the bound is tight
 # (few chunks survive), large enough that the chunk maxima are few to sort (measured: 8-32 alike).
 PRUNE_CHUNK = 16
+# Chunk maxima whose threshold bounds tau from below: a subset's threshold is a valid bound whatever its
+# size, and a few-shot bank's sparsemax support is well under this many chunks (measured: 60-230 scores).
+PRUNE_BOUND_TOP = 64
 
 
 def sparsemax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -31,10 +34,13 @@ def pruned_sparsemax_threshold(scores: torch.Tensor, chunk: int = PRUNE_CHUNK) -
     Why: Res2CLIP's sparsemax runs over a whole few-shot bank (thousands of references per query patch),
     and sorting every row was over 90 % of its matching time. Exact (up to float summation order) by:
       1. a subset's threshold never exceeds the row's (tau = max_k (sum of the top k - 1) / k, and a
-         subset's top-k sums are no larger), so the threshold of the chunk maxima is a lower bound;
-      2. a chunk whose maximum is <= that bound holds no positive weight: it is dropped;
-      3. on the kept scores, Michelot's iteration tau <- (sum of the scores above tau - 1) / their count,
-         started at the bound, rises to tau and stops once the count no longer changes (it can only fall).
+         subset's top-k sums are no larger), so the threshold of the `PRUNE_BOUND_TOP` largest chunk
+         maxima is a lower bound;
+      2. a chunk whose maximum is <= that bound holds no positive weight: it is dropped (the kept chunks
+         are picked by an unsorted top-k of the maxima, not a sort);
+      3. on the kept scores, Michelot's iteration tau <- tau + (sum of (score - tau) over the scores above
+         tau - 1) / their count, started at the bound, rises to tau and stops once the count no longer
+         changes (it can only fall).
     """
     lead, width = scores.shape[:-1], scores.shape[-1]
     if width == 0:
@@ -45,22 +51,23 @@ def pruned_sparsemax_threshold(scores: torch.Tensor, chunk: int = PRUNE_CHUNK) -
             return sparsemax_threshold(rows).reshape(*lead, 1)
         full = width // chunk * chunk
         maxima = rows[:, :full].view(rows.shape[0], -1, chunk).amax(dim=2)
-        ordered, order = maxima.sort(dim=1, descending=True)
-        ranks = torch.arange(1, ordered.shape[1] + 1, device=rows.device, dtype=rows.dtype)
-        tau = ((ordered.cumsum(dim=1) - 1.0) / ranks).amax(dim=1, keepdim=True)
-        kept = int((ordered > tau).sum(dim=1).max())
+        top = maxima.topk(min(PRUNE_BOUND_TOP, maxima.shape[1]), dim=1).values
+        ranks = torch.arange(1, top.shape[1] + 1, device=rows.device, dtype=rows.dtype)
+        tau = ((top.cumsum(dim=1) - 1.0) / ranks).amax(dim=1, keepdim=True)
+        kept = int((maxima > tau).sum(dim=1).max())
+        chunks = maxima.topk(kept, dim=1, sorted=False).indices  # every row's kept chunks (and a few more)
         offsets = torch.arange(chunk, device=rows.device)
-        columns = (order[:, :kept, None] * chunk + offsets).flatten(1)
+        columns = (chunks[:, :, None] * chunk + offsets).flatten(1)
         values = torch.cat([rows.gather(1, columns), rows[:, full:]], dim=1)  # the short tail is always kept
         count = None
         while True:
-            above = values > tau
-            new_count = above.sum(dim=1, keepdim=True)
+            excess = (values - tau).clamp_(min=0.0)
+            new_count = excess.count_nonzero(dim=1).unsqueeze(1)
             if count is not None and torch.equal(new_count, count):
                 return tau.reshape(*lead, 1)
             count = new_count
             # the maximum guards against float rounding: tau never falls, so the loop ends
-            tau = torch.maximum(tau, (torch.where(above, values, 0.0).sum(dim=1, keepdim=True) - 1.0) / count)
+            tau = torch.maximum(tau, tau + (excess.sum(dim=1, keepdim=True) - 1.0) / count)
 
 
 def _shifted_threshold(scores: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ def test_sparsemax_is_a_sparse_distribution_and_matches_bisection():
     assert torch.allclose((scores - tau).clamp_min(0), weights, atol=1e-5)
 
 
-@pytest.mark.parametrize("width", [1, 5, 63, 64, 100, 1000, 3136])
+@pytest.mark.parametrize("width", [1, 5, 63, 64, 100, 1000, 3136, 12544])
 @pytest.mark.parametrize("spread", [3.0, 0.05, 0.002])  # wide: tiny support; narrow: hundreds of columns
 def test_pruned_threshold_equals_the_sorted_threshold(width, spread):
     generator = torch.Generator().manual_seed(width)
