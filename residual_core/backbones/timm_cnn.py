@@ -6,6 +6,8 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.mobilenetv3 import MobileNetV3Features
 from torch import Tensor, nn
 
 from residual_core.backbones.base import (
@@ -22,6 +24,12 @@ from residual_core.backbones.checkpoints import CheckpointError, Opener, load_ch
 
 # ResAD (main.py): timm.create_model('wide_resnet50_2', features_only=True, out_indices=(1, 2, 3))
 DEFAULT_OUT_INDICES = (1, 2, 3)
+# On CPUs the convolutions run on channels-last (NHWC) images: oneDNN's depthwise and 1x1 kernels are
+# 1.4-2x faster that way for EfficientNet-Lite0 (RESULTS.md, eleventh pass); the maps then flatten to
+# contiguous tokens without a copy. GPUs keep the default layout (not measured there).
+CPU_MEMORY_FORMAT = torch.channels_last
+# Feature models whose forward runs all of `blocks` (timm's own classes for these families).
+_STAGED_FEATURE_MODELS = (EfficientNetFeatures, MobileNetV3Features)
 
 
 class TimmCnnBackbone(Backbone):
@@ -40,6 +48,8 @@ class TimmCnnBackbone(Backbone):
 
     def forward_features(self, images: Tensor) -> BackboneFeatures:
         self.check_images(images)
+        if images.device.type == "cpu":
+            images = images.contiguous(memory_format=CPU_MEMORY_FORMAT)
         maps = self.features(images)
         tokens, grids = maps_to_tokens(list(maps))
         global_embedding = maps[-1].mean(dim=(2, 3))
@@ -79,7 +89,27 @@ def features_from_classifier(arch: str, full: nn.Module, out_indices: tuple[int,
     if unfilled:
         raise CheckpointError(f"timm:{arch}: features model tensors without a source: {unfilled[:12]}")
     features.load_state_dict(filled, strict=True)
-    return features.eval()
+    return drop_unused_stages(features).eval()
+
+
+def drop_unused_stages(features: nn.Module) -> nn.Module:
+    """Cut timm's EfficientNet / MobileNetV3 feature models after the deepest requested level.
+
+    Why: their feature models run every stage whatever `out_indices` asks (ResNet-style ones stop at the
+    last level), so `effnet-lite0` at levels (1, 2, 3) also ran stages 5 and 6 (1,152 channels at stride 32)
+    and threw them away: 1.35x its forward's time on a CPU. The kept blocks are the same module objects, so
+    timm's feature hooks and its stage loop give the same tensors."""
+    if not isinstance(features, _STAGED_FEATURE_MODELS):
+        return features
+    deepest = max(_block_index(info["module"]) for info in features.feature_info.get_dicts())
+    features.blocks = features.blocks[: deepest + 1]
+    return features
+
+
+def _block_index(module: str) -> int:
+    """Top-level block index of a feature module name (`blocks.4` -> 4; the stem's `bn1` -> -1)."""
+    parts = module.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else -1
 
 
 def wrap_features(

@@ -88,3 +88,17 @@ def test_backbone_features(effnet_backbone):
     assert not effnet_backbone.has_text
     with pytest.raises(TextEncoderUnavailableError, match="no text tower"):
         effnet_backbone.encode_text(["a photo"])
+
+
+def test_channels_last_forward_gives_the_default_layouts_features(effnet_backbone):
+    """On a CPU the backbone convolves channels-last images (faster): the features are those of the
+    default layout up to float rounding, and the tokens come out contiguous."""
+    x = _preprocess(skimage.data.astronaut(), effnet_backbone.mean, effnet_backbone.std)
+    with torch.no_grad():
+        features = effnet_backbone(x)
+        default = effnet_backbone.features(x.contiguous())  # NCHW throughout
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    for tokens, fmap in zip(features.patch_tokens, default, strict=True):
+        assert tokens.is_contiguous()
+        expected = fmap.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

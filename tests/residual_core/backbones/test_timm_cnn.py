@@ -76,3 +76,34 @@ def test_bad_layers_and_sizes():
         create_backbone("timm:resnet18", image_size=72)
     with pytest.raises(BackboneError, match="unknown timm architecture"):
         create_backbone("timm:not_a_model")
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv3_small_050"])
+@pytest.mark.parametrize("layers", [(0,), (1, 2, 3), (2,), (1, 4), (0, 1, 2, 3, 4)])
+def test_feature_models_stop_after_the_deepest_level_with_the_same_features(arch, layers):
+    """EfficientNet / MobileNetV3 feature models ran every stage whatever the levels; the cut one gives
+    timm's own features bit for bit (timm's feature model, all stages, as the reference)."""
+    from residual_core.backbones.timm_cnn import drop_unused_stages
+
+    torch.manual_seed(0)
+    reference = timm.create_model(arch, pretrained=False, features_only=True, out_indices=layers).eval()
+    cut = timm.create_model(arch, pretrained=False, features_only=True, out_indices=layers).eval()
+    cut.load_state_dict(reference.state_dict())
+    stages = len(cut.blocks)
+    drop_unused_stages(cut)
+    deepest = max(int(m.split(".")[1]) if m.startswith("blocks.") else -1
+                  for m in cut.feature_info.module_name())
+    assert len(cut.blocks) == deepest + 1 <= stages
+    assert (len(cut.blocks) < stages) == (4 not in layers)  # level 4 is the last stage: nothing to cut
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected, got = reference(images), cut(images)
+    assert len(got) == len(expected) == len(layers)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_effnet_lite0_runs_only_the_stages_its_levels_need():
+    backbone = create_backbone("effnet-lite0", image_size=64)
+    assert len(backbone.features.blocks) == 5  # levels (1, 2, 3) end at blocks.4; blocks 5 and 6 are cut
+    assert len(create_backbone("effnet-lite0", image_size=64, layers=(4,)).features.blocks) == 7
