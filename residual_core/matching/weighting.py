@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 # Columns per chunk of `pruned_sparsemax_threshold`'s lower bound: small enough that the bound is tight
-# (few chunks survive), large enough that the chunk maxima are few to sort (measured: 8-32 alike).
+# (few chunks survive), large enough that the chunk maxima are few to rank (measured: 8-32 alike).
 PRUNE_CHUNK = 16
 # Chunk maxima whose threshold bounds tau from below: a subset's threshold is a valid bound whatever its
 # size, and a few-shot bank's sparsemax support is well under this many chunks (measured: 60-230 scores).
