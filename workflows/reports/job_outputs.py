@@ -97,7 +97,7 @@ def load_originals(shard: Shard, image_ids: Iterable[str], size: tuple[int, int]
         image = decode_image(row["image"])
         mask = decode_mask(row["mask"], image.size) if row["mask"] is not None else None
         if preset is not None:
-            shown = None if mask is None else preset.mask(mask, size[0])[0].numpy() > 0.5
+            shown = None if mask is None else preset.mask_array(mask, size[0])
             out[row["image_id"]] = (preset.display(image, size[0]), shown)
             continue
         target = (size[1], size[0]) if size else _thumbnail_size(image.size, 256)
