@@ -94,25 +94,33 @@ class LevelFlow(nn.Module):
     def forward_grids(self, x: Tensor, terms: list[Tensor]) -> tuple[Tensor, Tensor]:
         """`forward(x, table rows repeated per grid)` for inference, given `condition_terms(table)`: x holds
         whole grids, [n * P, D] in (grid, position) order (no gradient; equal up to float summation order).
+        The table may be any run of a grid's positions (the terms' rows sliced alike): x then holds n copies
+        of that run.
 
         Why: the first subnet layer sees [x1, condition] with a 256-wide positional condition against
         12-56 feature channels, and every image of a batch repeats the same positions; splitting the
-        layer's weight, W [x1; c] + b = W_x x1 + (W_c c + b), leaves per row only the narrow W_x part,
-        and the per-position term is added to each grid in place.
+        layer's weight, W [x1; c] + b = W_x x1 + (W_c c + b), leaves per row only the narrow W_x part. The
+        term is copied into one reused activation buffer and the GEMM accumulates onto it (a fresh
+        multi-megabyte tensor per block cost page faults): on a CPU bit for bit the product, then the add.
         """
         positions = terms[0].shape[0] if terms else 0
         if len(terms) != len(self.inn.module_list) or not positions or x.shape[0] % positions:
             raise ValueError(f"need a condition term per coupling block and whole grids of {positions} rows")
+        grids = x.shape[0] // positions
+        widest = max(term.shape[1] for term in terms)
+        buffer = x.new_empty(x.shape[0] * widest)  # one hidden buffer for every block: no page faults
         log_jac = x.new_zeros(x.shape[0])
         for block, term in zip(self.inn.module_list, terms, strict=True):
             first, _, second = block.subnet
             width = block.splits[0]
-            x1, x2 = x.split(block.splits, dim=1)
-            hidden = torch.mm(x1, first.weight[:, :width].T)
-            hidden.view(-1, positions, hidden.shape[1]).add_(term)
-            coefficients = F.linear(hidden.relu_(), second.weight, second.bias) * 0.1
+            x1, x2 = x[:, :width], x[:, width:]
+            hidden = buffer[: x.shape[0] * term.shape[1]].view(grids, positions, term.shape[1])
+            hidden.copy_(term.expand_as(hidden))
+            # W_x x1 accumulated onto the per-position term in one GEMM (the same sums as mm, then add)
+            hidden = hidden.view(x.shape[0], -1).addmm_(x1, first.weight[:, :width].T).relu_()
+            coefficients = torch.addmm(second.bias, hidden, second.weight.T).mul_(0.1)
             channels = x2.shape[1]
-            log_scale = block.clamp * torch.tanh(coefficients[:, :channels])  # FrEIA's _affine
+            log_scale = torch.tanh(coefficients[:, :channels]).mul_(block.clamp)  # FrEIA's _affine
             x2 = x2 * torch.exp(log_scale) + coefficients[:, channels:]
             scale = block.global_scale_activation(block.global_scale)  # FrEIA's _permute
             x = F.linear(torch.cat((x1, x2), dim=1) * scale + block.global_offset, block.w_perm)

@@ -22,16 +22,33 @@ from residual_core.methods.resadpp.training import UNKNOWN, ResADppTrainer, Trai
 from residual_core.methods.resadpp.vq import MultiLevelVQ, match_feature_distribution
 from residual_core.methods.set_normalisation import RawBatch
 
-# Flow rows per scoring step off the CPU. The authors score a whole batch per level at once (validate.py);
-# chunks of `position_batch` (8,192 rows, two 56 x 56 grids) made a batch of 32 at 224 px 21 chunks x 10
-# couplings of small kernels on a GPU, bound by their launches (RESULTS.md, eighth pass). 2^18 rows hold
-# the widest subnet activations (2 x (channels / 2 + pos_embed_dim) wide: 624 at 112 channels) at ~0.65 GB.
+# Flow rows per scoring step. On a CPU a step's subnet activations (rows x 2 (channels / 2 + pos_embed_dim)
+# floats: 536-624 wide) should stay in cache across a coupling's GEMMs: 2,048 rows (~4-5 MB) ran the
+# 224 px flows 1.2-1.5x faster than the 8,192-row `position_batch` steps used before (RESULTS.md, twelfth
+# pass); a grid wider than that is split into runs of positions. Off the CPU the authors' whole batch per
+# level (validate.py): chunks of 8,192 rows made a batch of 32 at 224 px 21 chunks x 10 couplings of small
+# kernels on a GPU, bound by their launches (RESULTS.md, eighth pass); 2^18 rows hold the widest subnet
+# activations (624 wide at 112 channels) at ~0.65 GB.
+CPU_FLOW_ROWS = 2048
 ACCELERATOR_FLOW_ROWS = 1 << 18
 
 
-def flow_step_rows(device: torch.device, position_batch: int) -> int:
-    """Rows per scoring flow step: `position_batch` on a CPU, `ACCELERATOR_FLOW_ROWS` elsewhere."""
-    return position_batch if device.type == "cpu" else ACCELERATOR_FLOW_ROWS
+def flow_step_rows(device: torch.device) -> int:
+    """Rows per scoring flow step: `CPU_FLOW_ROWS` on a CPU, `ACCELERATOR_FLOW_ROWS` elsewhere."""
+    return CPU_FLOW_ROWS if device.type == "cpu" else ACCELERATOR_FLOW_ROWS
+
+
+def grid_steps(grids: int, positions: int, rows: int) -> list[tuple[slice, slice]]:
+    """Flow steps over `grids` grids of `positions` rows each: (rows of the step, the grid positions they
+    hold). Whole grids, as many as fit in `rows` (at least one); a grid wider than `rows` in equal runs."""
+    if positions <= rows:
+        per_step = rows // positions * positions
+        total = grids * positions
+        return [(slice(s, min(s + per_step, total)), slice(None)) for s in range(0, total, per_step)]
+    runs = -(-positions // rows)
+    width = -(-positions // runs)
+    return [(slice(g * positions + p, g * positions + min(p + width, positions)), slice(p, p + width))
+            for g in range(grids) for p in range(0, positions, width)]
 
 
 class ResADpp(AnomalyMethod):
@@ -139,19 +156,23 @@ class ResADpp(AnomalyMethod):
         return TestSetNormaliser(len(self.channels), size, cfg.smoothing_sigma, cfg.score_branch)
 
     def _flow_logps(self, level: int, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position (normal, abnormal) log-likelihoods [B, H, W], in chunks of `flow_step_rows` rows
-        (conditional flows: of whole grids, at least one)."""
+        """Per-position (normal, abnormal) log-likelihoods [B, H, W], in steps of about `flow_step_rows`
+        rows (conditional flows: whole grids, or runs of one grid's positions when a grid is wider)."""
         b, c, h, w = features.shape
         rows = features.permute(0, 2, 3, 1).reshape(-1, c)
         flow = self.flows[level]
-        step = flow_step_rows(rows.device, self.config.position_batch)
+        step = flow_step_rows(rows.device)
         if self.config.conditional_flow:  # each block's condition term once per grid position, not per row
+            steps = grid_steps(b, h * w, step)
             terms = flow.condition_terms(position_table(self.config.pos_embed_dim, h, w, rows.device))
-            step = max(1, step // (h * w)) * h * w  # whole grids per chunk (at least one)
+        else:
+            steps = [(slice(start, start + step), None) for start in range(0, rows.shape[0], step)]
         normal, abnormal = [], []
-        for start in range(0, rows.shape[0], step):
-            chunk = rows[start:start + step]
-            z, log_jac = flow.forward_grids(chunk, terms) if self.config.conditional_flow else flow(chunk)
+        for chunk, positions in steps:
+            if positions is None:
+                z, log_jac = flow(rows[chunk])
+            else:
+                z, log_jac = flow.forward_grids(rows[chunk], [term[positions] for term in terms])
             normal.append(gaussian_logp(z, log_jac, 0.0))
             abnormal.append(gaussian_logp(z, log_jac, 1.0))
         return torch.cat(normal).reshape(b, h, w), torch.cat(abnormal).reshape(b, h, w)

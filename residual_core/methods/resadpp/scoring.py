@@ -17,15 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from residual_core.methods.base import ScoreOutput
+from residual_core.methods.filters import separable_filter
 from residual_core.methods.set_normalisation import BatchSource, RawBatch, register_normaliser
 
 BRANCHES = ("likelihood", "boundary")  # validate.py scores1 (log-likelihood) and scores2 (BScores)
-
-
-def _symmetric_indices(length: int, radius: int, device: torch.device) -> Tensor:
-    """Indices of scipy's 'reflect' padding (d c b a | a b c d | d c b a), any radius."""
-    idx = torch.arange(-radius, length + radius, device=device) % (2 * length)
-    return torch.where(idx >= length, 2 * length - 1 - idx, idx)
 
 
 def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
@@ -34,14 +29,9 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Te
         return maps
     radius = int(truncate * sigma + 0.5)
     offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    _, h, w = maps.shape
-    x = maps[:, _symmetric_indices(h, radius, maps.device)][:, :, _symmetric_indices(w, radius, maps.device)]
-    x = x.unsqueeze(1)
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return x.squeeze(1)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    taps = taps / taps.sum()
+    return separable_filter(maps, taps, taps, "reflect")
 
 
 def upsample(maps: Tensor, size: int) -> Tensor:

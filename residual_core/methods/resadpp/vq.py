@@ -85,4 +85,5 @@ def match_feature_distribution(features: Tensor, reference: Tensor, alpha: float
     sorted_input, order = torch.sort(flat)
     sorted_reference, _ = torch.sort(reference.reshape(b, c, -1))
     aligned = sorted_input + (sorted_reference - sorted_input) * weight
-    return aligned.gather(-1, order.argsort(-1)).reshape(features.shape)
+    # back in place: a scatter through the sort's permutation (the authors' gather by its argsort, no sort)
+    return torch.empty_like(aligned).scatter_(-1, order, aligned).reshape(features.shape)

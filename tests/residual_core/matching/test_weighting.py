@@ -85,3 +85,21 @@ def test_topk_softmax_ranks_by_one_score_and_weights_by_another():
     assert columns.tolist() == [[0, 2]]
     expected = torch.softmax(torch.tensor([0.0, 0.05]) / 0.05, dim=0)
     assert torch.allclose(weights[0], expected)
+
+
+@pytest.mark.parametrize("spread", [3.0, 0.05, 0.002])
+def test_michelot_iterates_are_lower_bounds_that_reach_the_threshold(spread):
+    """The pruned threshold's bound stops Michelot's iteration after a few steps: every iterate must
+    stay at or below the threshold (else chunks with weight would be dropped), and the last is it."""
+    from residual_core.matching.weighting import _michelot
+
+    generator = torch.Generator().manual_seed(7)
+    scores = torch.randn(50, 300, generator=generator, dtype=torch.float64) * spread
+    exact = sparsemax_threshold(scores)
+    start = (scores.sum(dim=1, keepdim=True) - 1.0) / scores.shape[1]
+    previous = start
+    for steps in range(6):
+        bound = _michelot(scores, start, max_steps=steps)
+        assert (bound <= exact + 1e-12).all() and (bound >= previous).all()
+        previous = bound
+    torch.testing.assert_close(_michelot(scores, start), exact, atol=1e-12, rtol=0)

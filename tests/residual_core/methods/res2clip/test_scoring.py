@@ -74,3 +74,14 @@ def test_layers_with_different_grids_average_after_upsampling():
     mixed = scoring.average_upsampled([torch.full((2, 4, 4), 1.0), torch.full((2, 2, 2), 3.0)], 16, kernel)
     assert mixed.shape == (2, 16, 16)
     assert mixed[:, 2:-2, 2:-2] == pytest.approx(torch.full((2, 12, 12), 2.0), abs=1e-5)
+
+
+def test_smoothing_in_two_passes_equals_the_2d_convolution():
+    """A Gaussian kernel runs as two 1-D passes (the outer product of its sums); any other in 2-D."""
+    import torch.nn.functional as F
+
+    maps = torch.rand(3, 23, 17, generator=torch.Generator().manual_seed(0))
+    for kernel in (scoring.gaussian_kernel(5, 4.0), scoring.gaussian_kernel(3, 1.0),
+                   torch.rand(5, 5, generator=torch.Generator().manual_seed(1))):
+        expected = F.conv2d(maps[:, None], kernel[None, None], padding=kernel.shape[-1] // 2)[:, 0]
+        torch.testing.assert_close(scoring.gaussian_smooth(maps, kernel), expected, atol=1e-6, rtol=0)

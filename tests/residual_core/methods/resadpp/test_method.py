@@ -167,7 +167,8 @@ def test_scores_equal_the_scoring_before_the_fast_flows_and_vq(trained, cnn_back
     from residual_core.methods.resadpp.vq import ResidualCodebook
 
     method, _, _ = trained
-    monkeypatch.setattr(method, "config", replace(method.config, position_batch=300))  # 1 grid per chunk
+    # the FrEIA reference below runs in position_batch chunks: 1 grid each
+    monkeypatch.setattr(method, "config", replace(method.config, position_batch=300))
     bank, query = bank_for(cnn_backbone, IMAGE_SIZE), images(3, IMAGE_SIZE, 11)
     fast = method.score(query, bank)
     monkeypatch.setattr(ResADpp, "_flow_logps", _flow_logps_through_freia)
@@ -178,19 +179,35 @@ def test_scores_equal_the_scoring_before_the_fast_flows_and_vq(trained, cnn_back
 
 
 def test_scoring_in_accelerator_sized_flow_steps_changes_only_rounding(trained, cnn_backbone, monkeypatch):
-    """Off the CPU the flows score a whole batch per step (the authors' validate.py) instead of
-    position_batch chunks: the same maps and scores up to float rounding (run here on the CPU)."""
-    from dataclasses import replace
-
+    """Off the CPU the flows score a whole batch per step (the authors' validate.py) instead of cache-sized
+    steps: the same maps and scores up to float rounding (run here on the CPU)."""
     from residual_core.methods.resadpp import method as method_module
 
-    assert method_module.flow_step_rows(torch.device("cuda"), 8192) == method_module.ACCELERATOR_FLOW_ROWS
-    assert method_module.flow_step_rows(torch.device("cpu"), 8192) == 8192
+    assert method_module.flow_step_rows(torch.device("cuda")) == method_module.ACCELERATOR_FLOW_ROWS
+    assert method_module.flow_step_rows(torch.device("cpu")) == method_module.CPU_FLOW_ROWS
     method, _, _ = trained
-    monkeypatch.setattr(method, "config", replace(method.config, position_batch=300))  # 1 grid per chunk
     bank, query = bank_for(cnn_backbone, IMAGE_SIZE), images(3, IMAGE_SIZE, 11)
+    monkeypatch.setattr(method_module, "flow_step_rows", lambda device: 300)  # 1 grid per step
     chunked = method.score(query, bank)
-    monkeypatch.setattr(method_module, "flow_step_rows", lambda device, position_batch: 1 << 18)
+    monkeypatch.setattr(method_module, "flow_step_rows", lambda device: 1 << 18)
     whole = method.score(query, bank)
-    torch.testing.assert_close(whole.anomaly_map, chunked.anomaly_map, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(whole.image_score, chunked.image_score, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(method_module, "flow_step_rows", lambda device: 70)  # runs of 60 positions
+    runs = method.score(query, bank)
+    for other in (whole, runs):
+        torch.testing.assert_close(other.anomaly_map, chunked.anomaly_map, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.image_score, chunked.image_score, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("grids", "positions", "rows"), [(3, 300, 300), (3, 300, 1000), (2, 300, 70),
+                                                          (1, 7, 1), (4, 10, 25)])
+def test_grid_steps_cover_every_row_once_with_its_positions(grids, positions, rows):
+    from residual_core.methods.resadpp.method import grid_steps
+
+    covered = []
+    for chunk, where in grid_steps(grids, positions, rows):
+        held = list(range(grids * positions))[chunk]
+        run = list(range(positions))[where]
+        assert held and len(held) <= max(rows, positions) and len(held) % len(run) == 0
+        assert [r % positions for r in held] == run * (len(held) // len(run))  # each row's own position
+        covered += held
+    assert covered == list(range(grids * positions))

@@ -18,11 +18,19 @@ from residual_core.methods.resadpp.scoring import (
 )
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 37), (1, 7, 5)])
-def test_gaussian_blur_matches_scipy(shape):
+@pytest.mark.parametrize("matrices", [True, False], ids=["blur-matrices", "convolutions"])
+@pytest.mark.parametrize("shape", [(2, 40, 37), (1, 7, 5), (3, 33, 33), (1, 1, 40)])
+def test_gaussian_blur_matches_scipy(shape, matrices, monkeypatch):
+    """Both ways (GEMMs with blur matrices up to MATRIX_FILTER_MAX_SIDE, convolutions beyond) are scipy's
+    filter, borders reflected as often as the radius (16) needs on maps narrower than it."""
+    from residual_core.methods import filters
+
+    monkeypatch.setattr(filters, "MATRIX_FILTER_MAX_SIDE", 10**6 if matrices else 0)
     maps = torch.rand(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
     assert np.abs(gaussian_blur(maps, 4.0).numpy() - expected).max() < 1e-12
+    float32 = gaussian_blur(maps.float(), 4.0).numpy()
+    assert np.abs(float32 - expected).max() < 1e-6
 
 
 def test_likelihood_map_sums_levels_and_flips():
