@@ -21,6 +21,7 @@ from residual_core.backbones.base import (
     maps_to_tokens,
 )
 from residual_core.backbones.checkpoints import CheckpointError, Opener, load_checked, read_weights
+from residual_core.backbones.folding import fold_batch_norms
 
 # ResAD (main.py): timm.create_model('wide_resnet50_2', features_only=True, out_indices=(1, 2, 3))
 DEFAULT_OUT_INDICES = (1, 2, 3)
@@ -89,7 +90,7 @@ def features_from_classifier(arch: str, full: nn.Module, out_indices: tuple[int,
     if unfilled:
         raise CheckpointError(f"timm:{arch}: features model tensors without a source: {unfilled[:12]}")
     features.load_state_dict(filled, strict=True)
-    return drop_unused_stages(features).eval()
+    return fold_batch_norms(drop_unused_stages(features).eval())
 
 
 def drop_unused_stages(features: nn.Module) -> nn.Module:
