@@ -38,8 +38,8 @@ def pruned_sparsemax_threshold(scores: torch.Tensor, chunk: int = PRUNE_CHUNK) -
     Why: Res2CLIP's sparsemax runs over a whole few-shot bank (thousands of references per query patch),
     and sorting every row was over 90 % of its matching time. Exact (up to float summation order) by:
       1. a subset's threshold never exceeds the row's (tau = max_k (sum of the top k - 1) / k, and a
-         subset's top-k sums are no larger), so the threshold of the `PRUNE_BOUND_TOP` largest chunk
-         maxima is a lower bound;
+         subset's top-k sums are no larger), and neither does any Michelot iterate towards it (step 3), so
+         `PRUNE_BOUND_STEPS` iterations on the `PRUNE_BOUND_TOP` largest chunk maxima give a lower bound;
       2. a chunk whose maximum is <= that bound holds no positive weight: it is dropped (the kept chunks
          are picked by an unsorted top-k of the maxima, not a sort);
       3. on the kept scores, Michelot's iteration tau <- tau + (sum of (score - tau) over the scores above

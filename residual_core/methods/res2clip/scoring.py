@@ -33,7 +33,8 @@ def gaussian_smooth(maps: Tensor, kernel: Tensor) -> Tensor:
     kernel = kernel.to(device=maps.device, dtype=maps.dtype)
     columns, rows = kernel.sum(dim=1), kernel.sum(dim=0)
     separable = torch.outer(columns, rows) / kernel.sum()
-    if kernel.shape[0] % 2 and torch.allclose(separable, kernel, rtol=0, atol=SEPARABLE_TOLERANCE):
+    square_odd = kernel.shape[0] == kernel.shape[1] and kernel.shape[0] % 2 == 1
+    if square_odd and torch.allclose(separable, kernel, rtol=0, atol=SEPARABLE_TOLERANCE):
         return separable_filter(maps, columns / columns.sum(), rows / rows.sum(), "zeros")
     return F.conv2d(maps[:, None], kernel[None, None], padding=kernel.shape[-1] // 2)[:, 0]
 
