@@ -58,8 +58,7 @@ def separable_filter(maps: Tensor, column_taps: Tensor, row_taps: Tensor, border
     if border == "reflect":
         x = x[:, :, reflect_indices(h, columns_radius, maps.device)]
         x = x[..., reflect_indices(w, rows_radius, maps.device)]
-        padding = (0, 0)
     else:
-        padding = (columns_radius, rows_radius)
-    x = F.conv2d(x, column_taps.view(1, 1, -1, 1), padding=(padding[0], 0))
-    return F.conv2d(x, row_taps.view(1, 1, 1, -1), padding=(0, padding[1])).squeeze(1)
+        x = F.pad(x, (rows_radius, rows_radius, columns_radius, columns_radius))
+    x = F.conv2d(x, column_taps.view(1, 1, -1, 1))
+    return F.conv2d(x, row_taps.view(1, 1, 1, -1)).squeeze(1)
