@@ -33,11 +33,21 @@ def register_method(name: str, *, preprocess: Callable[[dict], str],
     return wrap
 
 
-def _load_builtin_methods() -> None:
-    # importing the modules runs their @register_method decorators
+# Built-in method name -> the module of `residual_core.methods` whose import registers it. Only the
+# method a run asks for is imported: a baseline or Res2CLIP run never imports ResAD++'s flows (FrEIA, which
+# imports scipy.stats: ~0.9 s of every scoring actor's start, RESULTS.md thirteenth pass).
+BUILTIN_METHOD_MODULES = {"baseline": "baseline", "res2clip": "res2clip", "resadpp": "resadpp",
+                          "patchcore": "patchcore"}
+
+
+def _load_builtin_methods(name: str | None = None) -> None:
+    """Import the built-in method `name` (its decorators register it); all of them when `name` is None or
+    not a built-in (a listing, or an error message naming what is available)."""
     import importlib
 
-    for module in ("baseline", "res2clip", "resadpp", "patchcore"):
+    builtin = name in BUILTIN_METHOD_MODULES
+    modules = [BUILTIN_METHOD_MODULES[name]] if builtin else BUILTIN_METHOD_MODULES.values()
+    for module in modules:
         try:
             importlib.import_module(f"residual_core.methods.{module}")
         except ModuleNotFoundError as exc:
@@ -54,7 +64,7 @@ def method_preprocess(name: str, params: dict | None = None) -> str:
     """The preprocessing preset of method `name` with keyword hyper-parameters `params`: the one
     place pipelines ask which `residual_core.preprocess` preset turns images and masks into its input.
     Invalid params raise MethodError here, as `create_method` would."""
-    _load_builtin_methods()
+    _load_builtin_methods(name)
     if name not in _PREPROCESS:
         raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(_BUILDERS))}")
     return _PREPROCESS[name](dict(params or {}))
@@ -64,20 +74,20 @@ def seeded_params(name: str, params: dict, run_seed: int) -> dict:
     """The keyword hyper-parameters of method `name` trained for `run_seed`: a method's own seed
     (initialisation, shuffling) becomes its default + `run_seed` unless `params` fix it, so seed 0 keeps
     the authors' seed and seeds 0, 1, 2 are three trainings. Methods without a seed: `params` as given."""
-    _load_builtin_methods()
+    _load_builtin_methods(name)
     hook = _SEEDED.get(name)
     return hook(dict(params), int(run_seed)) if hook is not None and run_seed else dict(params)
 
 
 def training_params(name: str, params: dict) -> dict:
     """`params` without the method's scoring-only hyper-parameters: what identifies its training."""
-    _load_builtin_methods()
+    _load_builtin_methods(name)
     return {k: v for k, v in params.items() if k not in _SCORING_ONLY.get(name, ())}
 
 
 def create_method(name: str, backbone, **config) -> AnomalyMethod:
     """Build the method `name` on `backbone` with keyword hyper-parameters."""
-    _load_builtin_methods()
+    _load_builtin_methods(name)
     if name not in _BUILDERS:
         raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(_BUILDERS))}")
     return _BUILDERS[name](backbone, **config)
