@@ -75,6 +75,11 @@ class MethodConfig:
 class IndexConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 4])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # A step whose missing banks hold at most this many reference images in all is built in the driver
+    # process (when bank tasks would get no GPU) instead of as Ray tasks: the tasks' new worker processes
+    # import torch and timm and build the model before a few images' forward (~7 s against ~1 s on a
+    # 2-core machine, RESULTS.md thirteenth pass). Same function, same device, same banks. 0: always tasks.
+    local_max_images: int = 128
 
     def __post_init__(self) -> None:
         for key, values in (("index.shots", self.shots), ("index.seeds", self.seeds)):
@@ -82,6 +87,7 @@ class IndexConfig:
                 raise bad_value(key, values, "must not be empty", f"give at least one, e.g. --set {key}=[1]")
         for k in self.shots:
             _at_least("index.shots", k, 1)
+        _at_least("index.local_max_images", self.local_max_images, 0)
 
 
 @dataclass

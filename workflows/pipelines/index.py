@@ -1,4 +1,5 @@
-"""`index`: build reference banks (+ FAISS indexes) per (dataset, category, k, seed) as Ray tasks.
+"""`index`: build reference banks (+ FAISS indexes) per (dataset, category, k, seed) as Ray tasks, or in
+this process when the missing banks are few images on CPUs (`index.local_max_images`).
 
 Banks live under a content-addressed key (backbone identity, layers, preprocessing preset, k, seed,
 selected image ids), so an existing complete bank (with its commit marker) is reused, never rebuilt,
@@ -21,6 +22,7 @@ from workflows.pipelines.models import (
 )
 
 BANK_FORMAT = 1
+BANK_TASK_CPUS = 1  # CPUs of a bank task, and torch threads of one built in this process
 
 
 @dataclass(frozen=True)
@@ -134,28 +136,60 @@ def _cached_backbone(backbone_cfg: dict, device: str):
 
 def ensure_banks(config: RunConfig, requests: list[BankRequest], *,
                  progress: bool = True) -> dict[BankRequest, BankPlan]:
-    """Plan every requested bank; build the missing ones as Ray tasks; return request -> plan."""
-    import ray
-
-    from workflows.pipelines.ray_runtime import gpus_per_worker, wait_all
+    """Plan every requested bank; build the missing ones (as Ray tasks, or here when they are few images
+    on CPUs: `index.local_max_images`); return request -> plan."""
+    from workflows.pipelines.ray_runtime import gpus_per_worker
 
     backbone_cfg = _backbone_dict(config)
     info = probe_backbone(backbone_cfg)
     plans = {req: plan_bank(config, info, req) for req in dict.fromkeys(requests)}
     missing = [plan for plan in plans.values() if not storage.is_committed(plan.url)]
-    if missing:
-        options = bank_task_options(gpus_per_worker(config.train.num_gpus), config.evaluate.max_retries)
-        remote = ray.remote(**options)(build_bank_task)
-        refs = [remote.remote(backbone_cfg, config.data.url, plan, config.device) for plan in missing]
-        wait_all(refs, f"index: building {len(refs)} bank(s)", progress)
+    if not missing:
+        return plans
+    gpus = gpus_per_worker(config.train.num_gpus)
+    if not gpus and sum(len(plan.image_ids) for plan in missing) <= config.index.local_max_images:
+        _build_here(backbone_cfg, config, missing, progress)
+    else:
+        _build_as_tasks(backbone_cfg, config, missing, gpus, progress)
     return plans
+
+
+def _build_as_tasks(backbone_cfg: dict, config: RunConfig, plans: list[BankPlan], gpus: float,
+                    progress: bool) -> None:
+    import ray
+
+    from workflows.pipelines.ray_runtime import wait_all
+
+    remote = ray.remote(**bank_task_options(gpus, config.evaluate.max_retries))(build_bank_task)
+    refs = [remote.remote(backbone_cfg, config.data.url, plan, config.device) for plan in plans]
+    wait_all(refs, f"index: building {len(refs)} bank(s)", progress)
+
+
+def _build_here(backbone_cfg: dict, config: RunConfig, plans: list[BankPlan], progress: bool) -> None:
+    """The bank tasks' body in this process, one bank after another, as a task runs it: on the device a
+    CPU task resolves (`auto` is the CPU: a task without GPUs sees none) and with its one torch thread
+    (Ray gives a 1-CPU task one; other thread counts sum the convolutions in another order, so the banks
+    would differ by float rounding). The model is dropped afterwards."""
+    import torch
+    from tqdm import tqdm
+
+    device = "cpu" if config.device == "auto" else config.device
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BANK_TASK_CPUS)
+    try:
+        for plan in tqdm(plans, desc=f"index: building {len(plans)} bank(s)", disable=not progress,
+                         leave=False):
+            build_bank_task(backbone_cfg, config.data.url, plan, device)
+    finally:
+        torch.set_num_threads(threads)
+        _BACKBONES.clear()
 
 
 def bank_task_options(gpus: float, max_retries: int) -> dict:
     """Ray options of the bank tasks. `max_calls=0`: a worker builds bank after bank with its cached
     backbone; Ray's default for a task asking for GPUs is one call per worker process, which gave every
     bank a new process, CUDA context and model (12 s per bank on an H100 machine)."""
-    return {"num_cpus": 1, "num_gpus": gpus, "max_calls": 0, "max_retries": max_retries}
+    return {"num_cpus": BANK_TASK_CPUS, "num_gpus": gpus, "max_calls": 0, "max_retries": max_retries}
 
 
 def _backbone_dict(config: RunConfig) -> dict:
