@@ -22,7 +22,8 @@ def tiny_data(tmp_path_factory):
 
 def _banks(config) -> dict:
     plans = index.run_index(config)
-    return {(req.dataset, req.category, req.k_shot): load_bank(local_dir(plan.url)) for req, plan in plans.items()}
+    return {(req.dataset, req.category, req.k_shot): load_bank(local_dir(plan.url))
+            for req, plan in plans.items()}
 
 
 def test_banks_built_here_equal_the_ray_tasks_banks(local_ray, tiny_data, tmp_path, monkeypatch):
