@@ -62,3 +62,14 @@ def separable_filter(maps: Tensor, column_taps: Tensor, row_taps: Tensor, border
         x = F.pad(x, (rows_radius, rows_radius, columns_radius, columns_radius))
     x = F.conv2d(x, column_taps.view(1, 1, -1, 1))
     return F.conv2d(x, row_taps.view(1, 1, 1, -1)).squeeze(1)
+
+
+def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
+    """scipy.ndimage.gaussian_filter(map, sigma) per map of [B, H, W] (mode 'reflect', truncate 4)."""
+    if sigma <= 0:
+        return maps
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    taps = taps / taps.sum()
+    return separable_filter(maps, taps, taps, "reflect")

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from residual_core.matching import knn
 from residual_core.methods.base import MethodError
-from residual_core.methods.resadpp.scoring import gaussian_blur
+from residual_core.methods.filters import gaussian_blur
 
 CPU_BLOCK_BYTES = 16 << 20
 ACCELERATOR_BLOCK_BYTES = 256 << 20

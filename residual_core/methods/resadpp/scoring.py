@@ -17,21 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from residual_core.methods.base import ScoreOutput
-from residual_core.methods.filters import separable_filter
+from residual_core.methods.filters import gaussian_blur
 from residual_core.methods.set_normalisation import BatchSource, RawBatch, register_normaliser
 
 BRANCHES = ("likelihood", "boundary")  # validate.py scores1 (log-likelihood) and scores2 (BScores)
-
-
-def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
-    """scipy.ndimage.gaussian_filter(map, sigma) per map of [B, H, W] (mode 'reflect', truncate 4)."""
-    if sigma <= 0:
-        return maps
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    taps = taps / taps.sum()
-    return separable_filter(maps, taps, taps, "reflect")
 
 
 def upsample(maps: Tensor, size: int) -> Tensor:

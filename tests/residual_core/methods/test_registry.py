@@ -37,8 +37,8 @@ def test_scoring_only_params_do_not_identify_a_training():
 
 
 def test_only_the_asked_method_is_imported():
-    """A baseline run builds its method without importing ResAD++'s flows (FrEIA, scipy.stats: ~0.9 s of
-    every scoring actor's start); a listing still sees every built-in method."""
+    """A baseline or PatchCore run builds its method without importing ResAD++'s flows (FrEIA, scipy.stats:
+    ~0.9 s of every scoring actor's start); a listing still sees every built-in method."""
     import subprocess
     import sys
 
@@ -47,7 +47,7 @@ def test_only_the_asked_method_is_imported():
         "from residual_core.backbones import create_backbone\n"
         "from residual_core.methods import available_methods, create_method, method_preprocess\n"
         "backbone = create_backbone('timm:resnet18', layers=(1,), image_size=64)\n"
-        "create_method('baseline', backbone); method_preprocess('baseline')\n"
+        "create_method('baseline', backbone); method_preprocess('baseline'); method_preprocess('patchcore')\n"
         "heavy = ('FrEIA', 'scipy.stats', 'residual_core.methods.resadpp')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "print(available_methods())\n"
