@@ -195,6 +195,7 @@ def _method_only(args, device: str) -> None:
 
     import torch
 
+    from residual_core import faiss_index
     from residual_core.backbones import create_backbone
     from residual_core.bank import build_bank
     from residual_core.images import decode_image, image_to_tensor
@@ -203,6 +204,7 @@ def _method_only(args, device: str) -> None:
     from tests.workflows.pipelines.tiny_data import tiny_rows
 
     torch.manual_seed(0)
+    on_gpu = device.startswith("cuda")
     spec = _backbone_spec(args.backbone)
     backbone = create_backbone(spec, image_size=args.image_size, device=device).eval()
     count = args.batch_size * args.method_batches
@@ -227,14 +229,18 @@ def _method_only(args, device: str) -> None:
             method = create_method(name, backbone).to(device).eval()
             torch_kernel = ("exact search, torch kernel", lambda: _patched(
                 knn, "nearest", functools.partial(knn.nearest, backend="torch")))
-            if name == "baseline":  # "auto": FAISS's flat search on CPU
+            if name == "baseline" and not on_gpu:  # "auto": FAISS's flat search (the torch kernel on cuda)
                 variants = [("exact search (auto: FAISS on CPU)", contextlib.nullcontext), torch_kernel]
+            elif name == "baseline":
+                variants = [torch_kernel]
             else:  # ResAD's matching asks for the torch kernel itself (first-index ties)
                 variants = [("exact search, torch kernel", contextlib.nullcontext)]
             if name == "res2clip":  # its own matching engine (strategy from the config), no "before"
-                variants = [("strategy engine (auto)", contextlib.nullcontext),
-                            ("FAISS candidates + exact re-rank (match_path: faiss)",
-                             lambda m=method: _patched(m, "config", replace(m.config, match_path="faiss")))]
+                variants = [("strategy engine (auto)", contextlib.nullcontext)]
+                if not on_gpu or faiss_index.gpu_available():  # CPU FAISS on cuda tensors: copies, minutes
+                    faiss_path = replace(method.config, match_path="faiss")
+                    variants.append(("FAISS candidates + exact re-rank (match_path: faiss)",
+                                     lambda m=method, c=faiss_path: _patched(m, "config", c)))
             elif name == "baseline":
                 variants.append(("dense (before)", lambda: _patched(baseline, "nearest_residual_norm",
                                                                     _dense_nearest_residual_norm)))
@@ -367,6 +373,9 @@ def _pipeline(config, actors: int, calls: int = 1) -> tuple[float, float, float]
     later = sum(images for _, images in finished[warm + 1:])
     span = finished[-1][0] - finished[warm][0]
     steady = later / span if span > 0 else float("nan")
+    # the timeline behind both figures: a steady state over a few shards is only as good as their spacing
+    print(f"  {actors} actor(s): shards done at (s: images) "
+          + ", ".join(f"{seconds:.1f}: {images}" for seconds, images in finished), flush=True)
     return overall, finished[0][0], steady
 
 
