@@ -2,11 +2,14 @@
 # The GPU check of the throughput issue, for a CUDA machine, in at most ~8 minutes:
 #   1. the card (nvidia-smi) and the `gpu` extra (FAISS-GPU) installed into the project's venv;
 #   2. `pytest -m gpu` over the test files that hold GPU tests (FAISS GPU vs CPU search, the blocked exact
-#      search, uint8 normalisation and metric accumulation on cuda, evaluate with GPU actors vs CPU);
+#      search, uint8 normalisation and metric accumulation on cuda, every built-in method's scores on cuda
+#      vs CPU, evaluate and scan with GPU actors vs CPU);
 #   3. the pipeline benchmark on cuda: bare forward vs in-memory method.score vs one actor's work in
 #      process vs `evaluate` with one and with two actors per GPU, each running two shard calls at once,
-#      shards of 512, batch 32, 4,096 images (PIPELINE_IMAGES; PIPELINE_ARGS replaces the shard, calls,
-#      actors and profile arguments) (the target: evaluate keeps >= 85% of the bare GPU forward);
+#      shards of 512, batch 32, 8,192 images (PIPELINE_IMAGES; PIPELINE_ARGS replaces the shard, calls,
+#      actors and profile arguments) (the target: evaluate keeps >= 85% of the bare GPU forward). At 4,096
+#      images two actors' steady state spans a few shards: it read 530 images/s there, 2,293 at 8,192 with
+#      the same scoring code on another H100 (RESULTS.md, fourteenth pass); each run prints its shard timeline;
 #   4. the matching benchmark's exact table with the blocked torch search on cuda and FAISS-GPU flat;
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # AB_TREE (a directory holding another tree of the repository, e.g. an earlier commit's `git archive`)
@@ -92,7 +95,7 @@ pipeline_step() {  # pipeline_step NAME PREFIX ARGS LAUNCHER...: the pipeline be
     shift 3
     # shellcheck disable=SC2086
     step "$name" "${PIPELINE_LIMIT:-240}" "$@" benchmarks/pipeline.py --device cuda \
-        --images "${PIPELINE_IMAGES:-4096}" --batch-size 32 --image-size 224 --actors 1 $args
+        --images "${PIPELINE_IMAGES:-8192}" --batch-size 32 --image-size 224 --actors 1 $args
     grep -E "bare|method.score|one actor|evaluate pipeline" "$OUT/$name.log" | sed "s|^|$prefix|" \
         | tee -a "$SUMMARY"
 }
