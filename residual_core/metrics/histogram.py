@@ -27,6 +27,7 @@ MAX_SHIFT = 63  # at shift 63 every key is 0 or 1: two bins always fit
 BIT_LENGTH_BINS = 66  # bit lengths 0..64 of adjacent keys' XOR, and one spare
 WINDOW_MAX_SLOTS = 1 << 21  # dense window: at most 16 MiB of int64 counts whatever the capacity
 _UINT64_MAX = (1 << 64) - 1
+NARROW_SORT_MIN_KEYS = 1024  # fewer keys: the narrowing's extra passes are not worth it
 
 
 def group_starts(sorted_values: np.ndarray) -> np.ndarray:
@@ -176,11 +177,39 @@ class AlignedBins:
 
 
 def counts_of_keys(keys: np.ndarray, shift: int) -> BinCounts:
-    """Sparse counts of raw keys (uint64, already at ``shift``) by sorting."""
-    sorted_keys = np.sort(keys)
-    starts = group_starts(sorted_keys)
-    counts = np.diff(np.append(starts, sorted_keys.shape[0])).astype(np.int64)
-    return BinCounts(shift, sorted_keys[starts], counts)
+    """Sparse counts of raw keys (uint64, already at ``shift``) by sorting.
+
+    Keys that span at most 32 bits above their minimum, once the trailing zero bits they all share are
+    dropped, are sorted as uint32 offsets: float32 scores' keys end in 29 zero bits, and a map's scores
+    then span ~25 bits. The narrower sort took 0.65x the time with its extra passes included (RESULTS.md,
+    fourteenth pass); the counts are the same."""
+    narrowed = _narrow_offsets(keys)
+    if narrowed is None:
+        sorted_keys = np.sort(keys)
+        starts = group_starts(sorted_keys)
+        unique = sorted_keys[starts]
+    else:
+        offsets, low, zeros = narrowed
+        offsets.sort()
+        starts = group_starts(offsets)
+        unique = (offsets[starts].astype(np.uint64) << np.uint64(zeros)) + low
+    counts = np.diff(np.append(starts, keys.shape[0])).astype(np.int64)
+    return BinCounts(shift, unique, counts)
+
+
+def _narrow_offsets(keys: np.ndarray) -> tuple[np.ndarray, np.uint64, int] | None:
+    """(uint32 offsets, low, zeros) with keys == (offsets << zeros) + low, where the keys allow it (at
+    least ``NARROW_SORT_MIN_KEYS`` of them, spanning at most 32 bits past their shared zero bits)."""
+    if keys.shape[0] < NARROW_SORT_MIN_KEYS:
+        return None
+    low = keys.min()
+    offsets = keys - low
+    common = int(np.bitwise_or.reduce(offsets))
+    zeros = (common & -common).bit_length() - 1 if common else 0
+    if common.bit_length() - zeros > 32:
+        return None
+    offsets >>= np.uint64(zeros)
+    return offsets.astype(np.uint32), low, zeros
 
 
 def _smallest_uint(values: np.ndarray, what: str) -> np.ndarray:

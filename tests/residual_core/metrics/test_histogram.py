@@ -92,6 +92,37 @@ def test_dense_window_and_sparse_paths_give_the_same_state(capacity):
         assert_same_histogram_state(state, states[0])
 
 
+@pytest.mark.parametrize("case", ["float32 scores", "float64 scores", "float32 at shift 3", "one value",
+                                  "spans over 32 bits", "few keys", "none"])
+def test_counts_of_keys_are_the_unique_keys_and_their_counts(case):
+    """Keys that fit 32 bits past their shared zero bits are sorted as uint32 offsets; the rest as they
+    are. Either way: the sorted unique keys and how often each occurs."""
+    rng = np.random.default_rng(0)
+    scores = rng.gamma(2.0, 0.5, size=20_000)
+    scores[::7] = scores[3]  # repeated values
+    shift = 0
+    if case == "float32 scores":
+        keys = encode_numpy(scores.astype(np.float32))
+    elif case == "float64 scores":
+        keys = encode_numpy(scores)
+    elif case == "float32 at shift 3":
+        shift = 3
+        keys = encode_numpy(scores.astype(np.float32)) >> np.uint64(shift)
+    elif case == "one value":
+        keys = np.full(5_000, encode_numpy(np.array([0.25]))[0], dtype=np.uint64)
+    elif case == "spans over 32 bits":
+        keys = encode_numpy(np.concatenate([scores, -scores, [1e30, -1e-30]]).astype(np.float32))
+    elif case == "few keys":
+        keys = encode_numpy(scores[:50].astype(np.float32))
+    else:
+        keys = np.zeros(0, dtype=np.uint64)
+    unique, counts = np.unique(keys, return_counts=True)
+    bins = counts_of_keys(keys.copy(), shift)
+    assert bins.shift == shift and bins.keys.dtype == np.uint64 and bins.counts.dtype == np.int64
+    np.testing.assert_array_equal(bins.keys, unique)
+    np.testing.assert_array_equal(bins.counts, counts)
+
+
 @pytest.mark.parametrize("top", [4, 60, 10**6])
 def test_aligned_bins_place_both_classes_on_the_sorted_union(top):
     """`aligned` places the anomalous keys among the normal ones by binary search; the result is the
