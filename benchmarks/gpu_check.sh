@@ -13,8 +13,10 @@
 #   4. the matching benchmark's exact table with the blocked torch search on cuda and FAISS-GPU flat;
 #   5. in-memory method.score on cuda for the baseline, Res2CLIP and ResAD++ at k = 1 and 4, batch 32.
 # AB_TREE (a directory holding another tree of the repository, e.g. an earlier commit's `git archive`)
-# runs step 3 from that tree first, with AB_PIPELINE_ARGS (default PIPELINE_ARGS): an A/B on one machine.
-# A tree before dd7dc16 gives every actor a whole GPU: give it AB_PIPELINE_ARGS with `--actors 1`.
+# runs steps 3 and 5 from that tree first (step 3 with AB_PIPELINE_ARGS, default PIPELINE_ARGS): an A/B on
+# one machine. A tree before dd7dc16 gives every actor a whole GPU: give it AB_PIPELINE_ARGS with
+# `--actors 1`. Copy this tree's benchmarks/pipeline.py into an older one so that both time the same
+# variants (before 6b9a364 step 5 also timed a CPU-FAISS variant on cuda, for minutes).
 # PIPELINE_LIMIT: the pipeline step's time limit in seconds (default 240).
 # Each step has its own time limit; a failing step is reported and the next one still runs. Output:
 # one log per step and `summary.txt` under $OUT (default ./gpu_check_out), the summary also printed.
@@ -100,14 +102,18 @@ pipeline_step() {  # pipeline_step NAME PREFIX ARGS LAUNCHER...: the pipeline be
         | tee -a "$SUMMARY"
 }
 
+# an A/B in one run: a step first from another tree (e.g. `git archive` of an earlier commit, carried to
+# the machine), run from that tree with only it on the path (Ray's workers too)
+AB_LAUNCH=()
+if [ -n "${AB_TREE:-}" ]; then
+    py_a=$PY
+    case "$PY" in */*) py_a="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+    AB_LAUNCH=(env -C "$AB_TREE" PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" "$py_a")
+fi
+
 if wants pipeline; then
     if [ -n "${AB_TREE:-}" ]; then
-        # an A/B in one run: the same step first from another tree (e.g. `git archive` of an earlier
-        # commit, carried to the machine), run from that tree with only it on the path (Ray's workers too)
-        py_a=$PY
-        case "$PY" in */*) py_a="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
-        pipeline_step pipeline_a "A ($AB_TREE): " "${AB_PIPELINE_ARGS:-$PIPELINE_ARGS}" env -C "$AB_TREE" \
-            PYTHONPATH="${SITE_ARCHIVE:+$SITE:}$(cd "$AB_TREE" && pwd)" "$py_a"
+        pipeline_step pipeline_a "A ($AB_TREE): " "${AB_PIPELINE_ARGS:-$PIPELINE_ARGS}" "${AB_LAUNCH[@]}"
     fi
     pipeline_step pipeline "" "$PIPELINE_ARGS" "$PY"
 fi
@@ -118,11 +124,21 @@ if wants matching; then
     grep -E "^\[d=" "$OUT/matching.log" | tee -a "$SUMMARY"
 fi
 
-if wants method_only; then
+method_step() {  # method_step NAME PREFIX LAUNCHER...: in-memory method.score on cuda, summarised
+    local name=$1 prefix=$2
+    shift 2
     # shellcheck disable=SC2086
-    step method_only 75 "$PY" benchmarks/pipeline.py --device cuda --method-only --batch-size 32 --shots 1 4 \
+    step "$name" 75 "$@" benchmarks/pipeline.py --device cuda --method-only --batch-size 32 --shots 1 4 \
         --methods $METHODS ${METHOD_ARGS:-}
-    grep -E "^\[[a-z0-9]+ k=|^\| (bare|baseline|res2clip|resadpp)" "$OUT/method_only.log" | tee -a "$SUMMARY"
+    grep -E "^\[[a-z0-9]+ k=|^\| (bare|baseline|res2clip|resadpp)" "$OUT/$name.log" | sed "s|^|$prefix|" \
+        | tee -a "$SUMMARY"
+}
+
+if wants method_only; then
+    if [ -n "${AB_TREE:-}" ]; then
+        method_step method_only_a "A ($AB_TREE): " "${AB_LAUNCH[@]}"
+    fi
+    method_step method_only "" "$PY"
 fi
 
 say "done: $(date -u +%FT%TZ)"
