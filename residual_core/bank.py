@@ -102,6 +102,17 @@ class ReferenceBank:
                     f"{tuple(pos.shape)} do not form [N, D] and [N, 2]"
                 )
 
+    def to(self, device: torch.device | str) -> ReferenceBank:
+        """The same bank with its tensors (features, positions, global embeddings) on `device`; the FAISS
+        indexes, header and provenance are shared."""
+        embeddings = self.global_embeddings
+        return dataclasses.replace(
+            self,
+            features=[f.to(device) for f in self.features],
+            positions=[p.to(device) for p in self.positions],
+            global_embeddings=None if embeddings is None else embeddings.to(device),
+        )
+
     def ensure_indexes(self, spec: IndexSpec | None = None, *, device: str = "cpu") -> list[faiss.Index]:
         """Build (once) one FAISS index per layer; move them to `device` ("auto": GPU when usable)."""
         if spec is not None and spec != self.index_spec:

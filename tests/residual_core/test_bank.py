@@ -83,6 +83,20 @@ def test_build_bank_layout():
     assert torch.allclose(bank.features[0], direct, atol=1e-6)  # raw features, batch split irrelevant
 
 
+def test_to_moves_the_tensors_and_keeps_the_rest():
+    """`to` gives the bank on another device (here the meta device, which needs no GPU); the original is
+    untouched and the header, grids and FAISS indexes are shared."""
+    bank = make_bank()
+    bank.ensure_indexes()
+    moved = bank.to("meta")
+    assert moved is not bank and moved.header is bank.header and moved.grids == bank.grids
+    assert moved.indexes is bank.indexes and moved.index_spec == bank.index_spec
+    tensors = moved.features + moved.positions + [moved.global_embeddings]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert [t.shape for t in moved.features] == [t.shape for t in bank.features]
+    assert all(t.device.type == "cpu" for t in bank.features + bank.positions + [bank.global_embeddings])
+
+
 def test_save_load_round_trip(tmp_path):
     bank = make_bank()
     save_bank(bank, tmp_path / "bank")

@@ -92,12 +92,7 @@ def load_bank_url(url: str, device: str):
     from residual_core.bank import load_bank
 
     bank = load_bank(local_dir(url))
-    if device != "cpu":
-        bank.features = [f.to(device) for f in bank.features]
-        bank.positions = [p.to(device) for p in bank.positions]
-        if bank.global_embeddings is not None:
-            bank.global_embeddings = bank.global_embeddings.to(device)
-    return bank
+    return bank if device == "cpu" else bank.to(device)
 
 
 def content_key(payload: dict) -> str:

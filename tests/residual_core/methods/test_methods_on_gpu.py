@@ -42,19 +42,9 @@ def _images(count: int, seed: int) -> torch.Tensor:
     return images
 
 
-def _bank_on(bank, device: str):
-    """A copy of `bank` with its tensors on `device` (what the scoring actor's bank loader does)."""
-    moved = copy.copy(bank)
-    moved.features = [f.to(device) for f in bank.features]
-    moved.positions = [p.to(device) for p in bank.positions]
-    if bank.global_embeddings is not None:
-        moved.global_embeddings = bank.global_embeddings.to(device)
-    return moved
-
-
 def _scores(method, bank, images, device: str):
     with torch.no_grad():
-        out = method.to(device).eval().score(images.to(device), _bank_on(bank, device))
+        out = method.to(device).eval().score(images.to(device), bank.to(device))
     return out.anomaly_map.cpu(), out.image_score.cpu()
 
 
