@@ -18,8 +18,9 @@
   maxima find the block's winner in one fast pass; the index search then touches only the winning
   chunk (top-1) or the k best chunks (top-k: every top-k score lies in one of the k chunks with the
   highest maxima). Both passes read the block while it is still in cache.
-- **faiss**: FAISS's exact flat search (`faiss.knn` in BLAS blocks of 4096 queries x 1024 references
-  with a running top-k), CPU float32 only, at torch's thread count.
+- **faiss**: FAISS's exact flat search (`faiss.knn` in BLAS blocks of `FAISS_QUERY_BLOCK` queries x
+  `FAISS_REFERENCE_BLOCK` references, 2 MiB of scores like the torch kernel's CPU blocks, with a running
+  top-k), CPU float32 only, at torch's thread count.
 
 `backend="auto"` (the default) takes FAISS where it can run (CPU, float32, no `adjust`): measured side by
 side in `benchmarks/matching.py` it beat the torch kernel in most few-shot CPU cases (1.1-1.7x for top-1
@@ -65,6 +66,11 @@ ACCELERATOR_BLOCK_BYTES = 256 << 20
 MAX_REFERENCE_BLOCK = 4096
 ACCELERATOR_MAX_REFERENCE_BLOCK = 65536
 CHUNK = 64
+# FAISS's BLAS blocks (its defaults: 4096 x 1024, 16 MiB of scores, past a core's L2 cache). 256 x 2048
+# was the fastest or within 6 % of it for every level of EfficientNet-Lite0 at k = 1 and 4, at 1 and 2
+# threads: 1.1-1.24x the defaults at 1 thread on the stride-4 level (RESULTS.md, fifteenth pass).
+FAISS_QUERY_BLOCK = 256
+FAISS_REFERENCE_BLOCK = 2048
 # Chunk maxima pay off only while the k best chunks are a small part of a block.
 _CHUNK_SHARE = 4
 
@@ -203,13 +209,18 @@ def nearest(
 
 
 def _faiss_search(rows, reference, k, metric):
-    """FAISS's exact flat search at torch's thread count, always in BLAS blocks (4096 queries x 1024
-    references, then a running top-k). FAISS's own default runs a per-query SIMD loop below 128,000
-    queries, which re-reads the whole bank for every query: 3-11x slower than BLAS blocks for 10^5-vector
-    banks (benchmarks/matching.py), never faster in our sizes."""
-    saved_threads, saved_threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+    """FAISS's exact flat search at torch's thread count, always in BLAS blocks (`FAISS_QUERY_BLOCK`
+    queries x `FAISS_REFERENCE_BLOCK` references, then a running top-k). FAISS's own default runs a
+    per-query SIMD loop below 128,000 queries, which re-reads the whole bank for every query: 3-11x slower
+    than BLAS blocks for 10^5-vector banks (benchmarks/matching.py), never faster in our sizes. FAISS's
+    settings are process-wide: they are restored on the way out."""
+    cvar = faiss.cvar
+    saved = (faiss.omp_get_max_threads(), cvar.distance_compute_blas_threshold,
+             cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs)
     faiss.omp_set_num_threads(torch.get_num_threads())
-    faiss.cvar.distance_compute_blas_threshold = 0
+    cvar.distance_compute_blas_threshold = 0
+    cvar.distance_compute_blas_query_bs = FAISS_QUERY_BLOCK
+    cvar.distance_compute_blas_database_bs = FAISS_REFERENCE_BLOCK
     try:
         scores, indices = faiss.knn(
             rows.detach().contiguous().numpy(),
@@ -218,8 +229,9 @@ def _faiss_search(rows, reference, k, metric):
             metric=faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT,
         )
     finally:
-        faiss.cvar.distance_compute_blas_threshold = saved_threshold
-        faiss.omp_set_num_threads(saved_threads)
+        faiss.omp_set_num_threads(saved[0])
+        (cvar.distance_compute_blas_threshold, cvar.distance_compute_blas_query_bs,
+         cvar.distance_compute_blas_database_bs) = saved[1:]
     return torch.from_numpy(scores), torch.from_numpy(indices)
 
 

@@ -162,8 +162,17 @@ def test_faiss_resolves_exact_ties_to_one_of_the_tied_references(metric):
     assert torch.equal(indices % 40, first) and torch.equal(reference[indices], reference[first])
 
 
+def faiss_settings() -> tuple:
+    cvar = faiss.cvar
+    return (faiss.omp_get_max_threads(), cvar.distance_compute_blas_threshold,
+            cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs)
+
+
 def test_faiss_blas_blocks_equal_dense_and_leave_faiss_settings_alone():
-    threads, threshold = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+    """500 queries x 3,000 references span two query blocks and two reference blocks of FAISS's BLAS
+    search (`FAISS_QUERY_BLOCK` x `FAISS_REFERENCE_BLOCK`): the running top-k crosses both."""
+    before = faiss_settings()
+    assert knn.FAISS_QUERY_BLOCK < 500 < 2 * knn.FAISS_QUERY_BLOCK and knn.FAISS_REFERENCE_BLOCK < 3000
     query, reference = data(queries=500, references=3000, dim=24, seed=9)
     for metric, k in [("cosine", 1), ("ip", 5), ("l2", 3)]:
         assert_ties_free(query, reference, k, metric)
@@ -171,7 +180,7 @@ def test_faiss_blas_blocks_equal_dense_and_leave_faiss_settings_alone():
         expected_scores, expected_indices = dense(query, reference, k, metric)
         assert torch.equal(indices, expected_indices)
         torch.testing.assert_close(scores.double(), expected_scores, atol=2e-5, rtol=1e-5)
-    assert (faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold) == (threads, threshold)
+    assert faiss_settings() == before
 
 
 def test_adjust_edits_each_block_like_the_dense_matrix():

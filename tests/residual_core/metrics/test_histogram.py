@@ -10,6 +10,7 @@ from residual_core.metrics.histogram import (
     combine,
     counts_of_keys,
     segment_sums,
+    sort_unsigned,
 )
 from residual_core.metrics.reduce import reduce_numpy
 from tests.residual_core.metrics.references import assert_same_histogram_state
@@ -121,6 +122,24 @@ def test_counts_of_keys_are_the_unique_keys_and_their_counts(case):
     assert bins.shift == shift and bins.keys.dtype == np.uint64 and bins.counts.dtype == np.int64
     np.testing.assert_array_equal(bins.keys, unique)
     np.testing.assert_array_equal(bins.counts, counts)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("size", [0, 100, 50_000])
+def test_sort_unsigned_is_numpys_sort(dtype, size):
+    """torch sorts signed integers: values with the top bit set (above the signed range) must still come
+    last, and the extremes, repeats and small arrays (numpy's own sort) come out as ``np.sort`` has them."""
+    rng = np.random.default_rng(1)
+    top = np.iinfo(dtype).max
+    values = rng.integers(0, top, size=size, dtype=dtype, endpoint=True)
+    values[: size // 10] = values[size // 10 : 2 * (size // 10)]  # repeats
+    if size:
+        values[:4] = [0, top, top // 2, top // 2 + 1]  # both ends, and both sides of the signed boundary
+    before = values.copy()
+    ordered = sort_unsigned(values)
+    assert ordered.dtype == values.dtype
+    np.testing.assert_array_equal(ordered, np.sort(before))
+    np.testing.assert_array_equal(values, before)  # a sorted copy: the input is left as it was
 
 
 @pytest.mark.parametrize("top", [4, 60, 10**6])
