@@ -112,7 +112,9 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     batch_size: int = 8
-    num_actors: int | None = None  # None: one per GPU share when the cluster has GPUs, else 1
+    # None: one per GPU share when the cluster has GPUs, else one per CPU for 7/8 of the CPUs (bounded by
+    # memory: ray_runtime.default_cpu_actors); either way at most one per shard to score
+    num_actors: int | None = None
     shard_size: int = 64  # images per idempotent shard
     num_gpus_per_actor: float | None = None  # None: 1 / actors_per_gpu when the cluster has GPUs, else 0
     actors_per_gpu: int = 2  # GPU actors per GPU unless num_gpus_per_actor says otherwise (operations.md)

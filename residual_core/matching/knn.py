@@ -68,7 +68,8 @@ ACCELERATOR_MAX_REFERENCE_BLOCK = 65536
 CHUNK = 64
 # FAISS's BLAS blocks (its defaults: 4096 x 1024, 16 MiB of scores, past a core's L2 cache). 256 x 2048
 # was the fastest or within 6 % of it for every level of EfficientNet-Lite0 at k = 1 and 4, at 1 and 2
-# threads: 1.1-1.24x the defaults at 1 thread on the stride-4 level (RESULTS.md, fifteenth pass).
+# threads: 1.1-1.24x the defaults at 1 thread on the stride-4 level; the baseline's method.score 1.02-1.03x
+# (RESULTS.md, fifteenth pass).
 FAISS_QUERY_BLOCK = 256
 FAISS_REFERENCE_BLOCK = 2048
 # Chunk maxima pay off only while the k best chunks are a small part of a block.

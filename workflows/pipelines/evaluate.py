@@ -127,7 +127,8 @@ def run_evaluations(config: RunConfig, specs: list[EvalSpec], *, progress: bool 
     open_jobs = [(job, shards) for _, job, shards in jobs if not storage.is_committed(job.job_url)]
     with CategoryFinisher(open_jobs, committed) as finisher:  # categories finished while others score
         if tasks:
-            plan = ray_runtime.scoring_actors(ev.num_actors, ev.num_gpus_per_actor, ev.actors_per_gpu)
+            plan = ray_runtime.scoring_actors(ev.num_actors, ev.num_gpus_per_actor, ev.actors_per_gpu,
+                                              shards=len(tasks))
             rows = run_scoring(tasks, batch_size=ev.batch_size, num_actors=plan.actors,
                                num_gpus_per_actor=plan.gpus, actor_num_cpus=plan.cpus,
                                max_retries=ev.max_retries)

@@ -34,6 +34,15 @@ IDLE_WORKERS_BEYOND_CPUS = 6
 SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"  # the user's own setting wins
 SHARE_SLACK = 1e-6  # GPUs / share: 3 actors of 1/3 GPU fit one GPU despite float rounding
 GPU_ACTOR_CPUS = 1.0  # a GPU scoring actor's CPU share: Ray Data's default beside a GPU (`actor_resources`)
+# Without GPUs, the default scoring actors are one per CPU for this share of the cluster's CPUs (rounded, at
+# least one; each actor then runs one torch thread), the rest left to the decode tasks: 2 actors on 2 CPUs,
+# 7 on 8, 14 on 16. One actor (the earlier default) left all but one core to decoding: on the 2-core
+# machine two actors scored 1.5x its steady throughput (benchmarks/RESULTS.md, thirteenth and fifteenth
+# passes).
+CPU_ACTOR_FRACTION = 7 / 8
+# Memory a default CPU actor is planned with (EfficientNet-Lite0 actors peaked at 1.0-1.6 GiB RSS; with a
+# larger backbone set `evaluate.num_actors`): no more default actors than the cluster's memory holds.
+CPU_ACTOR_MEMORY = 2 << 30
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -179,20 +188,32 @@ class ActorPlan:
     cpus: float
 
 
+def default_cpu_actors() -> int:
+    """Scoring actors on a cluster without GPUs unless told: one per CPU for `CPU_ACTOR_FRACTION` of the
+    cluster's CPUs, at most one per `CPU_ACTOR_MEMORY` of its memory, at least one."""
+    resources = ray.cluster_resources()
+    by_cpus = max(1, round(float(resources.get("CPU", 1)) * CPU_ACTOR_FRACTION))
+    memory = float(resources.get("memory", 0))
+    return max(1, min(by_cpus, int(memory // CPU_ACTOR_MEMORY))) if memory else by_cpus
+
+
 def scoring_actors(num_actors: int | None, num_gpus_per_actor: float | None,
-                   actors_per_gpu: int) -> ActorPlan:
+                   actors_per_gpu: int, shards: int | None = None) -> ActorPlan:
     """The scoring actors for the `evaluate` settings. GPU share: `num_gpus_per_actor` when given, else
     1 / `actors_per_gpu` on a cluster with GPUs (a GPU actor is bound by its one process, not the GPU:
     benchmarks/RESULTS.md, ninth pass), else 0. Count: `num_actors` when given, else every GPU share the
-    cluster has (GPUs / share) or, without GPUs, one actor. CPUs: `GPU_ACTOR_CPUS` beside GPUs, else the
-    actor's share of the cluster's CPUs (`actor_cpus`)."""
+    cluster has (GPUs / share) or, without GPUs, `default_cpu_actors`; a default count is at most the run's
+    `shards` (an actor with no shard to score would only start and load its model). CPUs: `GPU_ACTOR_CPUS`
+    beside GPUs, else the actor's share of the cluster's CPUs (`actor_cpus`)."""
     gpus = cluster_gpus()
     if num_gpus_per_actor is not None:
         share = float(num_gpus_per_actor)
     else:
         share = 1.0 / actors_per_gpu if gpus >= 1 else 0.0
     if num_actors is None:
-        num_actors = max(1, int(gpus / share + SHARE_SLACK)) if share else 1
+        num_actors = max(1, int(gpus / share + SHARE_SLACK)) if share else default_cpu_actors()
+        if shards is not None:
+            num_actors = max(1, min(num_actors, int(shards)))
     return ActorPlan(int(num_actors), share, GPU_ACTOR_CPUS if share else actor_cpus(num_actors))
 
 

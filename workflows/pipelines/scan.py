@@ -225,7 +225,8 @@ def score_shards(config: RunConfig, job: ScoringJob, shards: list[ScanShard], *,
     if not todo:
         return stats
     ev = config.evaluate
-    plan = ray_runtime.scoring_actors(ev.num_actors, ev.num_gpus_per_actor, ev.actors_per_gpu)
+    plan = ray_runtime.scoring_actors(ev.num_actors, ev.num_gpus_per_actor, ev.actors_per_gpu,
+                                      shards=len(todo))
     start = time.perf_counter()
     rows = run_scoring([(job, s) for s in todo], batch_size=ev.batch_size, num_actors=plan.actors,
                        num_gpus_per_actor=plan.gpus, actor_num_cpus=plan.cpus,

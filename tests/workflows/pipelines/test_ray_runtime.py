@@ -73,19 +73,44 @@ def test_a_gpu_device_computes_in_full_float32(device):
 
 
 @pytest.mark.parametrize(("gpus", "settings", "expected"), [
-    (0.0, (None, None, 2), (1, 0.0, "cpu share")),  # no GPUs: one CPU actor, as before
+    (0.0, (None, None, 2), (5, 0.0, "cpu share")),  # no GPUs: `default_cpu_actors` (5 here)
     (0.0, (3, None, 2), (3, 0.0, "cpu share")),
+    (0.0, (None, None, 2, 2), (2, 0.0, "cpu share")),  # a default count: at most one actor per shard
+    (0.0, (3, None, 2, 1), (3, 0.0, "cpu share")),  # a count the user gave: as given
+    (1.0, (None, None, 2, 1), (1, 0.5, 1.0)),
     (1.0, (None, None, 2), (2, 0.5, 1.0)),  # by default two actors share each GPU
     (8.0, (None, None, 2), (16, 0.5, 1.0)),
     (1.0, (None, None, 3), (3, 1 / 3, 1.0)),  # three thirds fit one GPU despite the rounding
     (2.0, (None, 1.0, 2), (2, 1.0, 1.0)),  # a GPU share given: as many actors as shares
     (2.0, (5, 0.25, 2), (5, 0.25, 1.0)),  # both given: as given
-    (4.0, (None, 0.0, 2), (1, 0.0, "cpu share")),  # CPU actors asked for on a GPU cluster
+    (4.0, (None, 0.0, 2), (5, 0.0, "cpu share")),  # CPU actors asked for on a GPU cluster
 ])
 def test_scoring_actors_fill_the_cluster_unless_told(monkeypatch, gpus, settings, expected):
     from workflows.pipelines import ray_runtime
 
     monkeypatch.setattr(ray_runtime, "cluster_gpus", lambda: gpus)
     monkeypatch.setattr(ray_runtime, "actor_cpus", lambda num_actors: "cpu share")
+    monkeypatch.setattr(ray_runtime, "default_cpu_actors", lambda: 5)
     plan = ray_runtime.scoring_actors(*settings)
     assert (plan.actors, plan.gpus, plan.cpus) == expected
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(("resources", "expected"), [
+    ({"CPU": 2.0, "memory": 16 * GIB}, 2),  # the 2-core machine: two 1-thread actors
+    ({"CPU": 1.0, "memory": 16 * GIB}, 1),
+    ({"CPU": 4.0, "memory": 16 * GIB}, 4),
+    ({"CPU": 8.0, "memory": 64 * GIB}, 7),  # 7/8 of the CPUs score, the rest decodes
+    ({"CPU": 16.0, "memory": 64 * GIB}, 14),
+    ({"CPU": 16.0, "memory": 9 * GIB}, 4),  # no more actors than the memory holds (2 GiB each)
+    ({"CPU": 16.0, "memory": 1 * GIB}, 1),  # at least one
+    ({"CPU": 2.0}, 2),  # memory not reported: by CPUs
+])
+def test_default_cpu_actors_take_most_cpus_within_memory(monkeypatch, resources, expected):
+    from workflows.pipelines import ray_runtime
+
+    monkeypatch.setattr(ray_runtime.ray, "cluster_resources", lambda: resources)
+    assert ray_runtime.default_cpu_actors() == expected
+    assert ray_runtime.CPU_ACTOR_MEMORY == 2 * GIB
