@@ -108,6 +108,7 @@ def test_evaluate_jobs_carry_the_method_preset_and_prepare_shard_applies_it(tmp_
     monkeypatch.setattr(evaluate_module, "ensure_banks", fake_banks)
     monkeypatch.setattr(evaluate_module, "run_scoring", fake_scoring)
     monkeypatch.setattr("workflows.pipelines.ray_runtime.actor_cpus", lambda num_actors: 1.0)
+    monkeypatch.setattr("workflows.pipelines.ray_runtime.default_cpu_actors", lambda: 1)
     monkeypatch.setattr("workflows.pipelines.ray_runtime.cluster_gpus", lambda: 0.0)
     specs = [EvalSpec(("shapes",), MethodConfig("resadpp"), 1, 0),
              EvalSpec(("shapes",), MethodConfig("baseline"), 1, 0)]
